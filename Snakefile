@@ -1,0 +1,19 @@
+# a3tune: the A3Tune pipeline. Table of contents only; each stage lives in workflow/rules/.
+#   snakemake --profile profiles/local     # the embedded phantom demo on this machine
+#   snakemake --profile profiles/slurm     # a real cluster (edit config.yaml first)
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+
+
+rule all:
+    input:
+        all_targets(),
+    default_target: True

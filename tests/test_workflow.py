@@ -1,0 +1,78 @@
+"""The Snakemake workflow itself: lint, schema, dry runs, quoting, and a real run of the DAG."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from a3tune.io import read_provenance
+from a3tune.io.contracts import check_contract
+from a3tune.io.inspect import inspect_path
+from a3tune.io.parquet import read_parquet
+
+from conftest import REPO, run_snakemake
+
+
+def test_lint_is_clean(tmp_path, default_config):
+    proc = run_snakemake(tmp_path, "--lint", config=default_config)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Congratulations, your workflow is in a good condition" in proc.stdout + proc.stderr
+
+
+def test_slurm_profile_plans_without_cluster(tmp_path, default_config):
+    proc = run_snakemake(tmp_path, "-n", "--profile", str(REPO / "profiles" / "slurm"), config=default_config)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "import_dataset" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("patch", "named"),
+    [
+        ({"shardz": 2}, "'shardz' was unexpected"),
+        ({"phantom": {"seeed": 1}}, "'seeed' was unexpected"),
+        ({"shards": "two"}, "'two' is not of type 'integer'"),
+        ({"datasets": {"x": {"format": "slake"}}}, "'root' is a required property"),
+        ({"datasets": {"x": {"format": "dicom", "root": "/d"}}}, "'dicom' is not one of"),
+    ],
+)
+def test_schema_rejects_bad_config_naming_it(tmp_path, default_config, patch, named):
+    config = copy.deepcopy(default_config)
+    config.update(patch)
+    proc = run_snakemake(tmp_path, "-n", config=config)
+    assert proc.returncode != 0
+    assert named in proc.stderr + proc.stdout
+
+
+def test_shell_values_are_quoted(tmp_path, default_config):
+    """A config value with shell syntax reaches the CLI as text and is never run."""
+    config = copy.deepcopy(default_config)
+    hostile = tmp_path / "data; touch PWNED; $(touch PWNED2)"
+    hostile.mkdir()
+    config["datasets"] = {"evil": {"format": "slake", "root": str(hostile)}}
+    proc = run_snakemake(tmp_path / "wd", "--cores", "1", config=config)
+    assert proc.returncode != 0  # the folder holds no SLAKE files: the importer says so
+    assert not list(tmp_path.rglob("PWNED*"))
+    log = (tmp_path / "wd" / "logs" / "import" / "evil.log").read_text()
+    assert "train.json" in log and "PWNED" in log  # the whole path arrived as one argument
+
+
+@pytest.mark.slow
+def test_demo_dag_runs_and_artifacts_carry_provenance(tmp_path, default_config):
+    proc = run_snakemake(tmp_path, "--cores", "2", config=default_config)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for ds in default_config["datasets"]:
+        samples = read_parquet(tmp_path / "data" / ds / "samples.parquet", contract="samples")
+        images = read_parquet(tmp_path / "data" / ds / "images.parquet", contract="images")
+        assert samples.height > 0 and images.height > 0
+        assert set(images["status"]) == {"ok"}
+        prov = read_provenance(tmp_path / "data" / ds / "samples.parquet")
+        assert prov.stage == "import" and prov.inputs
+        assert read_provenance(tmp_path / "data" / ds / "raw").stage == "phantom"
+        check_contract(samples, "samples")
+        assert "contract: samples ok" in inspect_path(tmp_path / "data" / ds)
+    # Every rule wrote its log and benchmark.
+    assert list((tmp_path / "logs").rglob("*.log")) and list((tmp_path / "benchmarks").rglob("*.tsv"))
+    # A second run has nothing to do.
+    again = run_snakemake(tmp_path, "--cores", "2", "-n", config=default_config)
+    assert "Nothing to be done" in again.stdout + again.stderr
