@@ -9,8 +9,13 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
+include: "workflow/rules/weak_labels.smk"
+include: "workflow/rules/refine.smk"
 
 
 rule all:

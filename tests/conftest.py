@@ -28,3 +28,8 @@ def run_snakemake(workdir: Path, *args: str, config: dict | None = None, timeout
 @pytest.fixture
 def default_config() -> dict:
     return yaml.safe_load((REPO / "config.yaml").read_text())
+
+
+@pytest.fixture
+def tiny_config() -> dict:
+    return yaml.safe_load((REPO / "tests" / "configs" / "tiny.yaml").read_text())

@@ -50,7 +50,7 @@ def test_shell_values_are_quoted(tmp_path, default_config):
     hostile = tmp_path / "data; touch PWNED; $(touch PWNED2)"
     hostile.mkdir()
     config["datasets"] = {"evil": {"format": "slake", "root": str(hostile)}}
-    proc = run_snakemake(tmp_path / "wd", "--cores", "1", config=config)
+    proc = run_snakemake(tmp_path / "wd", "--cores", "1", "data/evil/samples.parquet", config=config)
     assert proc.returncode != 0  # the folder holds no SLAKE files: the importer says so
     assert not list(tmp_path.rglob("PWNED*"))
     log = (tmp_path / "wd" / "logs" / "import" / "evil.log").read_text()
@@ -58,10 +58,10 @@ def test_shell_values_are_quoted(tmp_path, default_config):
 
 
 @pytest.mark.slow
-def test_demo_dag_runs_and_artifacts_carry_provenance(tmp_path, default_config):
-    proc = run_snakemake(tmp_path, "--cores", "2", config=default_config)
+def test_tiny_dag_runs_and_artifacts_carry_provenance(tmp_path, tiny_config):
+    proc = run_snakemake(tmp_path, "--cores", "2", config=tiny_config)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    for ds in default_config["datasets"]:
+    for ds in tiny_config["datasets"]:
         samples = read_parquet(tmp_path / "data" / ds / "samples.parquet", contract="samples")
         images = read_parquet(tmp_path / "data" / ds / "images.parquet", contract="images")
         assert samples.height > 0 and images.height > 0
@@ -71,8 +71,15 @@ def test_demo_dag_runs_and_artifacts_carry_provenance(tmp_path, default_config):
         assert read_provenance(tmp_path / "data" / ds / "raw").stage == "phantom"
         check_contract(samples, "samples")
         assert "contract: samples ok" in inspect_path(tmp_path / "data" / ds)
+        proposals = read_parquet(tmp_path / "labels" / ds / "proposals" / "proposals.parquet", contract="proposals")
+        assert read_provenance(tmp_path / "labels" / ds / "proposals" / "proposals.parquet").stage == "sam_masks_gather"
+        labels = read_parquet(tmp_path / "labels" / ds / "labels.parquet", contract="labels")
+        assert labels.height == samples.height and proposals.height > 0
+        for store in [tmp_path / "labels" / ds / "labels.zarr", *(tmp_path / "labels" / ds / "proposals").glob("*.zarr")]:
+            assert read_provenance(store) is not None
+        assert len(list((tmp_path / "results" / "labels" / ds / "overlays").glob("*.png"))) == 3
     # Every rule wrote its log and benchmark.
     assert list((tmp_path / "logs").rglob("*.log")) and list((tmp_path / "benchmarks").rglob("*.tsv"))
     # A second run has nothing to do.
-    again = run_snakemake(tmp_path, "--cores", "2", "-n", config=default_config)
+    again = run_snakemake(tmp_path, "--cores", "2", "-n", config=tiny_config)
     assert "Nothing to be done" in again.stdout + again.stderr

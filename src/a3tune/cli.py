@@ -29,6 +29,10 @@ def _json_object(text: str) -> dict:
     return value
 
 
+def _optional_float(text: str) -> float | None:
+    return None if text.strip().lower() in ("", "none", "null") else float(text)
+
+
 def _cmd_import(args: argparse.Namespace) -> None:
     from a3tune.data.importer import import_dataset
 
@@ -49,10 +53,69 @@ def _cmd_phantom(args: argparse.Namespace) -> None:
     generate(PhantomConfig.from_dict(args.params), args.out)
 
 
+def _cmd_sam_masks(args: argparse.Namespace) -> None:
+    from a3tune.labels.sam_stage import run_shard
+
+    stats = run_shard(
+        args.images, args.root, args.shard, args.shards, args.store, args.table,
+        backend=args.backend, checkpoint=args.checkpoint or None, seed=args.seed, params=args.params,
+        cache_dir=args.cache_dir, device=args.device, progress=not args.no_progress,
+    )  # fmt: skip
+    log.info("sam_masks: %s", stats)
+
+
+def _cmd_gather_proposals(args: argparse.Namespace) -> None:
+    from a3tune.labels.sam_stage import gather
+
+    gather(args.tables, args.out)
+
+
+def _cmd_demo_clip(args: argparse.Namespace) -> None:
+    from a3tune.labels.demo_clip import train_demo_clip
+
+    _check_keywords(train_demo_clip, args.params, "demo_clip")
+    train_demo_clip(args.phantom_root, args.out, progress=not args.no_progress, **args.params)
+
+
+def _cmd_refine(args: argparse.Namespace) -> None:
+    from a3tune.labels.refine_stage import run_refine
+
+    run_refine(
+        args.samples, args.images, args.proposals, args.root, args.clip, args.store, args.table,
+        dataset_format=args.format, grid=args.grid, top_k=args.top_k, min_score=args.min_score,
+        device=args.device, progress=not args.no_progress,
+    )  # fmt: skip
+
+
+def _cmd_overlays(args: argparse.Namespace) -> None:
+    from a3tune.labels.audit import write_overlays
+
+    written = write_overlays(args.labels, args.out, n=args.n, seed=args.seed)
+    log.info("overlays: %d PNGs in %s", len(written), args.out)
+
+
 def _cmd_inspect(args: argparse.Namespace) -> None:
+    if args.target[0] == "labels" and len(args.target) == 2:
+        from a3tune.labels.audit import label_metrics, label_report
+
+        label_dir = Path(args.target[1])
+        print(json.dumps(label_metrics(label_dir), indent=2) if args.json else label_report(label_dir))
+        return
+    if len(args.target) != 1:
+        raise ValueError("usage: a3tune inspect PATH  or  a3tune inspect labels DIR")
     from a3tune.io.inspect import inspect_path
 
-    print(inspect_path(args.path))
+    print(inspect_path(Path(args.target[0])))
+
+
+def _check_keywords(func: Callable, params: dict, what: str) -> None:
+    """Reject parameters the function does not take, naming them (a config typo, not a crash)."""
+    import inspect
+
+    known = {name for name, p in inspect.signature(func).parameters.items() if p.kind is p.KEYWORD_ONLY}
+    unknown = sorted(set(params) - known - {"progress"})
+    if unknown:
+        raise ValueError(f"{what}: unknown parameter(s) {unknown}; known: {sorted(known - {'progress'})}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,8 +139,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", type=_json_object, default={}, help="generator parameters as a JSON object")
     p.set_defaults(func=_cmd_phantom)
 
+    p = sub.add_parser("sam_masks", help="SAM proposals for one shard of a data set's images")
+    p.add_argument("--images", required=True, type=Path, help="images.parquet")
+    p.add_argument("--root", required=True, type=Path, help="data root the image paths are relative to")
+    p.add_argument("--shard", required=True, type=int, help="this shard's index, 0-based")
+    p.add_argument("--shards", required=True, type=int, help="number of shards")
+    p.add_argument("--backend", required=True, help="SAM backend: vit_h, vit_l, vit_b, medsam, litemedsam, tiny")
+    p.add_argument("--checkpoint", default="", help="local checkpoint path (empty: the backend's default)")
+    p.add_argument("--seed", type=int, default=0, help="seed of a randomly initialised backend (tiny)")
+    p.add_argument("--params", type=_json_object, default={}, help="proposal generator parameters (JSON)")
+    p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--cache-dir", required=True, type=Path, help="proposal cache folder (by image hash)")
+    p.add_argument("--store", required=True, type=Path, help="output shard Zarr store (masks)")
+    p.add_argument("--table", required=True, type=Path, help="output shard Parquet table")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_sam_masks)
+
+    p = sub.add_parser("gather_proposals", help="concatenate shard tables into proposals.parquet")
+    p.add_argument("--out", required=True, type=Path, help="output proposals.parquet")
+    p.add_argument("tables", nargs="+", type=Path, help="shard-<k>.parquet files")
+    p.set_defaults(func=_cmd_gather_proposals)
+
+    p = sub.add_parser("demo_clip", help="train the demo CLIP (stand-in for BiomedCLIP) on phantom crops")
+    p.add_argument("--phantom-root", required=True, type=Path, help="phantom data root (a3tune phantom)")
+    p.add_argument("--out", required=True, type=Path, help="output open_clip model folder")
+    p.add_argument("--params", type=_json_object, default={}, help="training parameters (JSON)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_demo_clip)
+
+    p = sub.add_parser("refine", help="prompt-aware weak labels: CLIP-ranked proposals on the token grid")
+    p.add_argument("--samples", required=True, type=Path, help="samples.parquet")
+    p.add_argument("--images", required=True, type=Path, help="images.parquet")
+    p.add_argument("--proposals", required=True, type=Path, help="proposals.parquet (shard stores beside it)")
+    p.add_argument("--root", required=True, type=Path, help="data root")
+    p.add_argument("--clip", required=True, type=Path, help="local open_clip model folder (e.g. BiomedCLIP)")
+    p.add_argument("--format", required=True, help="data set format, for the query templates")
+    p.add_argument("--grid", type=_json_object, default={}, help="grid projection (JSON: grid, input_size, ...)")
+    p.add_argument("--top-k", type=_json_object, default={}, help='masks kept per task (JSON: {"vqa": 8, ...})')
+    p.add_argument("--min-score", type=_optional_float, default=None, help="optional score threshold (empty: none)")
+    p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--store", required=True, type=Path, help="output labels.zarr")
+    p.add_argument("--table", required=True, type=Path, help="output labels.parquet")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_refine)
+
+    p = sub.add_parser("overlays", help="overlay PNGs of a sample of weak labels, for audit")
+    p.add_argument("labels", type=Path, help="labels folder (labels.parquet + labels.zarr)")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--n", type=int, default=12, help="number of samples")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.set_defaults(func=_cmd_overlays)
+
     p = sub.add_parser("inspect", help="print an artifact's schema, counts, statuses and provenance")
-    p.add_argument("path", type=Path, help="a Parquet manifest, a Zarr store or an artifact directory")
+    p.add_argument("target", nargs="+", help="PATH (any artifact) or: labels DIR (weak-label audit)")
+    p.add_argument("--json", action="store_true", help="with labels: the metrics as JSON")
     p.set_defaults(func=_cmd_inspect)
     return parser
 

@@ -2,17 +2,23 @@
 import json
 import re
 
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 
 validate(config, schema="../schemas/config.schema.yaml")
 
 DATASETS = config["datasets"]
+LABELS = config["labels"]
+SAM = LABELS["sam"]
+CLIP = LABELS["clip"]
+SHARDS = config["shards"]
 ENV = "../../envs/a3tune.yaml"
 
 
 wildcard_constraints:
     ds="|".join(re.escape(name) for name in DATASETS),
+    shard=r"\d+",
 
 
 def dataset(wildcards):
@@ -31,8 +37,18 @@ def dataset_options(wildcards):
     return json.dumps(dataset(wildcards).get("options", {}), sort_keys=True)
 
 
+def clip_model(wildcards):
+    """The CLIP folder of the refine stage: the configured one, or the demo CLIP for phantom data."""
+    if CLIP.get("model_dir"):
+        return CLIP["model_dir"]
+    if dataset(wildcards)["format"] != "phantom":
+        raise WorkflowError(f"data set {wildcards.ds!r}: set labels.clip.model_dir to a local BiomedCLIP folder")
+    return f"models/demo_clip/{wildcards.ds}"
+
+
 def all_targets():
     targets = []
     for ds in DATASETS:
         targets += [f"data/{ds}/samples.parquet", f"data/{ds}/images.parquet"]
+        targets += [f"labels/{ds}/labels.parquet", f"results/labels/{ds}/overlays"]
     return targets

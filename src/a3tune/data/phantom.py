@@ -82,6 +82,21 @@ class PhantomConfig:
     noise: float = dataclasses.field(default=4.0, metadata=_help("per-pixel noise std in grey levels", "float"))
     jitter: float = dataclasses.field(default=0.02, metadata=_help("largest organ shift, fraction of size", "float"))
     marker_size: int = dataclasses.field(default=6, metadata=_help("side of the cue marker square in px", "int"))
+    # Scanner realism (texture, partial volume, bias, grain). Defaults put the soft-tissue noise at
+    # ~6.5 grey levels (white 4 + grain 5, about 10 HU at a 400-HU window: routine-dose abdominal CT)
+    # with ~1.5 px grain, parenchymal texture, +-5% shading and edges spread over ~2 px.
+    texture: float = dataclasses.field(
+        default=4.0, metadata=_help("std of the fine parenchymal texture inside the body, grey levels (0-64)", "float")
+    )
+    bias: float = dataclasses.field(
+        default=0.05, metadata=_help("amplitude of the smooth multiplicative bias field (0-0.3; 0.05 = +-5%)", "float")
+    )
+    grain: float = dataclasses.field(
+        default=5.0, metadata=_help("std of correlated (grainy) noise on top of `noise`, grey levels (0-64)", "float")
+    )
+    blur: float = dataclasses.field(
+        default=0.7, metadata=_help("point-spread sigma in px: partial-volume edges (0-3; masks stay exact)", "float")
+    )
 
     def __post_init__(self) -> None:
         low, high = self.lesion_radius
@@ -95,6 +110,10 @@ class PhantomConfig:
             (0.0 <= self.noise <= 64.0, f"noise must be in [0, 64], got {self.noise}"),
             (0.0 <= self.jitter <= 0.03, f"jitter must be in [0, 0.03], got {self.jitter}"),
             (2 <= self.marker_size <= self.size // 8, f"marker_size must be in [2, size/8], got {self.marker_size}"),
+            (0.0 <= self.texture <= 64.0, f"texture must be in [0, 64], got {self.texture}"),
+            (0.0 <= self.bias <= 0.3, f"bias must be in [0, 0.3], got {self.bias}"),
+            (0.0 <= self.grain <= 64.0, f"grain must be in [0, 64], got {self.grain}"),
+            (0.0 <= self.blur <= 3.0, f"blur must be in [0, 3], got {self.blur}"),
         ]
         unknown = [o for o in self.organs if o not in ORGANS]
         checks.append((not unknown, f"unknown organs {unknown}; known: {list(ORGANS)}"))
@@ -241,6 +260,7 @@ def draw(cfg: PhantomConfig, plan: ImagePlan) -> Scene:
         _rng(cfg.seed, SPLITS.index(plan.split), 2, plan.index),
         size=cfg.size, organs=cfg.organs, lesion_organ=plan.lesion_organ, cyst_organ=plan.cyst_organ, cue=plan.cue,
         lesion_radius=cfg.lesion_radius, noise=cfg.noise, jitter=cfg.jitter, marker_size=cfg.marker_size,
+        texture=cfg.texture, bias=cfg.bias, grain=cfg.grain, blur=cfg.blur,
     )  # fmt: skip
 
 

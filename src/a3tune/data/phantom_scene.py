@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+from scipy import ndimage
 
 # Grey levels (0-255) of the background, the body's soft tissue, bone, cysts and the marker.
 BACKGROUND, BODY, SPINE, CYST, MARKER = 6.0, 85.0, 215.0, 20.0, 250.0
@@ -23,6 +24,13 @@ ORGAN_SPREAD = 8.0
 TEXTURE = 5.0
 # A lesion or cyst keeps this many pixels of its organ around it.
 MARGIN = 1
+# Correlation length (Gaussian sigma, px) of the grain noise: CT noise is correlated over ~1-2 px
+# (its noise power spectrum peaks at mid frequencies), not white.
+GRAIN_SIGMA = 0.8
+# Correlation length of the parenchymal texture, as a fraction of the image side (2 px at 128 px).
+TEXTURE_SCALE = 1 / 64
+# Coarse grid cells of the bias field across the image: one smooth bulge or two, no more.
+BIAS_CELLS = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +124,12 @@ def _smooth_field(rng: np.random.Generator, size: int, cells: int = 6) -> np.nda
     return np.stack([np.interp(pos, np.arange(cells), rows[:, j]) for j in range(size)], axis=1)
 
 
+def _correlated_noise(rng: np.random.Generator, size: int, sigma: float) -> np.ndarray:
+    """Gaussian noise with unit std, correlated over ``sigma`` px (white noise, Gaussian-filtered)."""
+    field = ndimage.gaussian_filter(rng.normal(0.0, 1.0, (size, size)), sigma, mode="wrap")
+    return field / max(float(field.std()), 1e-12)
+
+
 def _place_blob(
     rng: np.random.Generator, host: np.ndarray, radius_range: tuple[int, int], what: str
 ) -> tuple[np.ndarray, int]:
@@ -148,6 +162,10 @@ def draw_scene(
     noise: float,
     jitter: float,
     marker_size: int,
+    texture: float = 0.0,
+    bias: float = 0.0,
+    grain: float = 0.0,
+    blur: float = 0.0,
 ) -> Scene:
     """Draw one scan.
 
@@ -162,6 +180,17 @@ def draw_scene(
         noise: standard deviation of the per-pixel noise in grey levels.
         jitter: largest shift of an organ's centre as a fraction of ``size``.
         marker_size: side of the marker square in pixels.
+        texture: std (grey levels) of the fine parenchymal texture inside the body, correlated over
+            ``TEXTURE_SCALE`` of the image side.
+        bias: amplitude of a smooth multiplicative bias field (0.06: intensities vary by up to +-6%
+            across the image, like CT cupping or MR coil shading).
+        grain: std (grey levels) of correlated noise (Gaussian sigma ``GRAIN_SIGMA`` px), on top of
+            the white ``noise``.
+        blur: sigma (px) of the Gaussian point spread applied before the noise: edges get
+            partial-volume grey levels instead of steps. The masks stay the exact pixel-centre shapes.
+
+    The last four are drawn after everything else, so at 0 they leave the image exactly as without
+    them, and the shapes never depend on them.
     """
     structures: dict[str, Structure] = {}
     level = np.full((size, size), BACKGROUND)
@@ -210,7 +239,17 @@ def draw_scene(
 
     # Texture inside the body, noise everywhere.
     level = level + np.where(body, TEXTURE * _smooth_field(rng, size), 0.0)
-    level = level + rng.normal(0.0, noise, (size, size))
+    white = rng.normal(0.0, noise, (size, size))
+    # Scanner realism, drawn last: parenchymal texture, point spread (partial volume), bias, grain.
+    if texture > 0:
+        level = level + np.where(body, texture * _correlated_noise(rng, size, TEXTURE_SCALE * size), 0.0)
+    if blur > 0:
+        level = ndimage.gaussian_filter(level, blur, mode="nearest")
+    if bias > 0:
+        level = level * (1.0 + bias * _smooth_field(rng, size, cells=BIAS_CELLS))
+    if grain > 0:
+        white = white + grain * _correlated_noise(rng, size, GRAIN_SIGMA)
+    level = level + white
     # Cue marker last, flat, so it is the same square in every image that has it.
     if cue:
         marker = np.zeros((size, size), bool)

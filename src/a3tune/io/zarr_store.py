@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -26,15 +27,25 @@ def write_store(
     chunks: Mapping[str, tuple[int, ...]] | None = None,
 ) -> Path:
     """Write ``arrays`` into a new Zarr v3 group at ``path``, atomically, with provenance."""
-    path = Path(path)
     chunks = dict(chunks or {})
-    with atomic_dir(path) as tmp:
-        group = zarr.open_group(store=str(tmp), mode="w", zarr_format=3)
+    with build_store(path, provenance) as group:
         for name, data in arrays.items():
             data = np.asarray(data)
             group.create_array(name, data=data, chunks=chunks.get(name, _chunks(data)))
+    return Path(path)
+
+
+@contextlib.contextmanager
+def build_store(path: str | os.PathLike, provenance: Provenance) -> Iterator[zarr.Group]:
+    """Yield an empty Zarr v3 group to fill incrementally (arrays larger than memory).
+
+    The group lives in a temporary sibling until the block ends without error; only then is it
+    given its provenance and renamed to ``path``.
+    """
+    with atomic_dir(path) as tmp:
+        group = zarr.open_group(store=str(tmp), mode="w", zarr_format=3)
+        yield group
         group.attrs[PROVENANCE_KEY] = json.loads(provenance.to_json())
-    return path
 
 
 def open_store(path: str | os.PathLike) -> zarr.Group:
