@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from a3tune.data.phantom_scene import ORGANS, draw_scene
+from a3tune.labels.box_params import BoxProposalParams
 from a3tune.labels.proposals import (
     GENERATORS,
     ProposalParams,
@@ -78,7 +79,7 @@ def test_defaults_are_the_reference_numbers():
         "points_per_batch": 64, "pred_iou_thresh": 0.5, "stability_score_thresh": 0.5, "stability_score_offset": 1.0,
         "box_nms_thresh": 0.8, "crop_n_layers": 1, "crop_n_points_downscale_factor": 2, "crop_nms_thresh": 0.8,
         "crop_overlap_ratio": 512 / 1500, "min_mask_region_area": 200, "max_area": 40000, "border_margin": [1, 2],
-        "min_side": 12, "reprompt_boxes": False,
+        "min_side": 12, "reprompt_boxes": False, "boxes": dataclasses.asdict(BoxProposalParams()),
     }  # fmt: skip
     assert all(f.metadata.get("help") for f in dataclasses.fields(ProposalParams))
     assert ProposalParams.from_dict(params.to_dict()) == params
@@ -93,8 +94,8 @@ def test_from_dict_checks_names_types_and_values():
         ProposalParams.from_dict({"reprompt_boxes": 1})
     with pytest.raises(ValueError, match="channel_order must be 'rgb' or 'bgr'"):
         ProposalParams.from_dict({"channel_order": "grb"})
-    with pytest.raises(ValueError, match=r"generator must be one of \['points'\]"):
-        ProposalParams.from_dict({"generator": "boxes"})
+    with pytest.raises(ValueError, match=r"generator must be one of \['boxes', 'points'\]"):
+        ProposalParams.from_dict({"generator": "grid"})
     with pytest.raises(ValueError, match="border_margin must be an int or a pair"):
         ProposalParams.from_dict({"border_margin": [1, 2, 3]})
     assert ProposalParams.from_dict({"border_margin": 3}).border_margin == (3, 3)

@@ -30,6 +30,9 @@ Models come only from local files, never from a model hub:
 - ``load_clip_named(arch, checkpoint)``: any built-in open_clip architecture (``open_clip.list_models()``)
   with a local checkpoint file.
 
+Deliberate differences from the reference: images are RGB (the reference fed OpenCV's BGR arrays to
+BiomedCLIP), and the crop box is computed from the mask itself (SAM's recorded bbox is the same box).
+
 Import cost: open_clip (and with it torchvision) is imported when a model is loaded, after
 ``a3tune.compat.ensure_torchvision()``; the crop, template and selection helpers need only numpy.
 """
@@ -180,7 +183,7 @@ class ClipScorer:
     model: torch.nn.Module
     preprocess: Callable[[Image.Image], torch.Tensor]
     tokenizer: Callable[[list[str]], torch.Tensor]
-    device: torch.device = torch.device("cpu")
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
     batch_size: int = 64
     source: str = ""
     text_cache_size: int = 1024
@@ -258,10 +261,11 @@ def _check_inputs(image: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.
 # Loading from local files
 
 
-def _open_clip():
+def import_open_clip():
+    """open_clip, imported after ``ensure_torchvision`` (it imports torchvision for its transforms)."""
     from a3tune.compat import ensure_torchvision
 
-    ensure_torchvision()  # open_clip imports torchvision (transforms)
+    ensure_torchvision()
     import open_clip
 
     return open_clip
@@ -272,7 +276,8 @@ def find_weights(model_dir: Path) -> Path:
     for name in WEIGHT_NAMES:
         if (model_dir / name).is_file():
             return model_dir / name
-    raise FileNotFoundError(f"no CLIP weights in {model_dir}: expected {' or '.join(str(model_dir / n) for n in WEIGHT_NAMES)}")
+    expected = " or ".join(str(model_dir / name) for name in WEIGHT_NAMES)
+    raise FileNotFoundError(f"no CLIP weights in {model_dir}: expected {expected}")
 
 
 def load_clip(
@@ -314,7 +319,7 @@ def load_clip(
         # The local folder replaces the hub names; the tower's weights come from the checkpoint.
         text_cfg.update(hf_model_name=str(hf_dir), hf_tokenizer_name=str(hf_dir), hf_model_pretrained=False)
 
-    open_clip = _open_clip()
+    open_clip = import_open_clip()
     # The folder's config and preprocess_cfg, with the towers' configs overridden as above; weights
     # are loaded below from the file chosen here, not from open_clip's own search of the folder
     # (so open_clip's "initialized randomly" warning does not apply and is dropped).
@@ -358,14 +363,15 @@ def load_clip_named(
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"CLIP checkpoint {checkpoint} not found")
-    open_clip = _open_clip()
+    open_clip = import_open_clip()
     if arch not in open_clip.list_models():
         raise ValueError(f"unknown open_clip architecture {arch!r}; see open_clip.list_models()")
     text_cfg = open_clip.get_model_config(arch).get("text_cfg", {})
-    if "hf_model_name" in text_cfg or "hf_tokenizer_name" in text_cfg:
+    hub_name = text_cfg.get("hf_model_name") or text_cfg.get("hf_tokenizer_name")
+    if hub_name:
         raise ValueError(
-            f"{arch} has a Hugging Face text tower ({text_cfg.get('hf_model_name') or text_cfg.get('hf_tokenizer_name')}),"
-            " which would be fetched from the hub; put the model in a local folder and use load_clip"
+            f"{arch} has a Hugging Face text tower ({hub_name}), which would be fetched from the hub; "
+            "put the model in a local folder and use load_clip"
         )
     model = open_clip.create_model(
         arch, pretrained=str(checkpoint), device="cpu", weights_only=True,

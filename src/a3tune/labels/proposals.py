@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from a3tune.compat import ensure_torchvision
+from a3tune.labels.box_params import BoxProposalParams
 from a3tune.labels.sam_backends import LoadedSam
 
 ensure_torchvision()  # segment_anything imports torchvision
@@ -41,13 +42,21 @@ def _field(default: Any, help: str) -> Any:
 class ProposalParams:
     """How proposals are generated and filtered; the defaults are the reference's numbers (§2.1)."""
 
-    generator: str = _field("points", "proposal generator, a key of GENERATORS ('points': SAM point grid)")
+    generator: str = _field(
+        "points", "proposal generator, a key of GENERATORS ('points': SAM point grid; 'boxes': box prompts on "
+        "candidate regions, for box-trained SAMs, see a3tune.labels.box_proposals)"
+    )
     working_size: int = _field(256, "side of the square working image; the aspect ratio is not kept (reference: 256)")
     channel_order: str = _field("rgb", "'rgb', or 'bgr' to feed SAM reversed channels as the reference's cv2 images")
     points_per_side: int = _field(8, "point grid side in the first crop layer")
     points_per_batch: int = _field(64, "prompts per decoder call; memory only, not results (reference: 128)")
-    pred_iou_thresh: float = _field(0.5, "keep masks with predicted IoU above this; <= 0 turns it off")
-    stability_score_thresh: float = _field(0.5, "keep masks with stability score at or above this; <= 0 turns it off")
+    pred_iou_thresh: float = _field(
+        0.5, "keep masks with predicted IoU above this; <= 0 turns it off (points, re-prompting; 'boxes' has its own)"
+    )
+    stability_score_thresh: float = _field(
+        0.5, "keep masks with stability score at or above this; <= 0 turns it off (points, re-prompting; 'boxes' "
+        "has its own)"
+    )
     stability_score_offset: float = _field(1.0, "logit offset of the stability score (SAM default)")
     box_nms_thresh: float = _field(0.8, "box IoU above which masks of one crop are duplicates")
     crop_n_layers: int = _field(1, "crop layers; layer i has 4**i crops")
@@ -68,6 +77,10 @@ class ProposalParams:
     )
     reprompt_boxes: bool = _field(
         False, "re-prompt the model with each kept mask's box (single-mask output) and keep the refined mask"
+    )
+    boxes: BoxProposalParams = dataclasses.field(
+        default_factory=BoxProposalParams,
+        metadata={"help": "parameters of the 'boxes' generator, a mapping (a3tune.labels.box_params)"},
     )
 
     def __post_init__(self) -> None:
@@ -125,6 +138,8 @@ def _coerce(name: str, kind: str, value: Any) -> Any:
         return value
     if kind == "tuple[int, int]" and (_is_int(value) or isinstance(value, (list, tuple))):
         return value if _is_int(value) else tuple(value)  # checked in __post_init__
+    if kind == "BoxProposalParams":
+        return value if isinstance(value, BoxProposalParams) else BoxProposalParams.from_dict(value)
     raise ValueError(f"proposal params: {name} must be of type {kind}, got {value!r}")
 
 
@@ -329,9 +344,17 @@ def generate_point_grid(sam: LoadedSam, image: np.ndarray, params: ProposalParam
     )
 
 
+def generate_box_prompts(sam: LoadedSam, image: np.ndarray, params: ProposalParams) -> Proposals:
+    """Box prompts on model-free candidate regions (``a3tune.labels.box_proposals``, which imports this module)."""
+    from a3tune.labels.box_proposals import generate_box_proposals
+
+    return generate_box_proposals(sam, image, params)
+
+
 # name -> generator(sam, working image, params) -> Proposals at the working size
 GENERATORS: dict[str, Callable[[LoadedSam, np.ndarray, ProposalParams], Proposals]] = {
     "points": generate_point_grid,
+    "boxes": generate_box_prompts,
 }
 
 

@@ -1,0 +1,193 @@
+"""Proposal generators on phantom scans with exact masks: recall per structure kind, count, time.
+
+    python bench/proposals_bench.py [--images N] [--size S] [--grid-images M] [--seed K]
+
+Methods, all on the same textured phantom images (split "test", which has the most lesions and
+cysts), at the 256-px working size:
+
+- ``boxes``: the box-prompt generator (``a3tune.labels.box_proposals``) with LiteMedSAM's real
+  weights, through ``generate_proposals`` with ``BOX_GENERATOR_DEFAULTS`` (reference filters with
+  ``min_side`` 6).
+- ``candidates``: its model-free candidate regions alone, exactly the set it prompts (after box NMS).
+- ``box grid``: LiteMedSAM on a dense grid of boxes (32/64/128/224 px, stride half a box; 284
+  prompts), kept at predicted IoU >= 0.5 and stability >= 0.5, as measured in ../shared/STACK.md.
+  It costs ~0.1 s per prompt, so it runs on the first ``--grid-images`` images only.
+- ``points``: segment_anything's point-grid generator with the reference parameters, on the tiny
+  original-SAM-architecture model (random weights: it shows the path and its cost, not quality), and
+  once more with its quality thresholds off.
+
+For each structure the best proposal's IoU is taken; the table gives the share of structures at
+IoU >= 0.5 / >= 0.75 per kind (body / organ / lesion, cysts counted as lesions / all = those three;
+spine and cue marker are reported as "other" and are not in "all"), proposals per image and wall
+seconds per image with ``torch.set_num_threads(--threads)``. The machine load is printed too: on a
+shared machine wall time grows with it, so the CPU seconds of this process are given alongside.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+# Idle OpenMP threads sleep instead of spinning: on a shared machine, spinning threads that wait for
+# a descheduled peer made 2-thread runs 4-5x slower than 1-thread runs (measured); must precede torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from a3tune.data.phantom import PhantomConfig, draw, plan_split  # noqa: E402
+from a3tune.labels import box_proposals as bx  # noqa: E402
+from a3tune.labels.proposals import ProposalParams, Proposals, generate_proposals, prepare_image  # noqa: E402
+from a3tune.labels.sam_backends import build_sam  # noqa: E402
+
+KINDS = {"body": "body", "organ": "organ", "lesion": "lesion", "cyst": "lesion", "bone": "other", "marker": "other"}
+COLUMNS = ("body", "organ", "lesion", "all", "other")
+GRID_SIDES = (32, 64, 128, 224)
+
+
+def phantom_images(n: int, size: int, seed: int) -> list[tuple[np.ndarray, list[tuple[str, np.ndarray]]]]:
+    """(image, [(kind, mask at 256 px)]) for the first n test images of the default phantom config."""
+    cfg = PhantomConfig(seed=seed, size=size, n_images={"train": 0, "val": 0, "test": n})
+    out = []
+    for plan in plan_split(cfg, "test")[:n]:
+        scene = draw(cfg, plan)
+        truth = [(KINDS[s.kind], cv2.resize(s.mask.astype(np.uint8), (256, 256), interpolation=cv2.INTER_NEAREST) > 0)
+                 for s in scene.structures.values()]  # fmt: skip
+        out.append((scene.image, truth))
+    return out
+
+
+def best_iou(truth: list[tuple[str, np.ndarray]], masks: np.ndarray) -> list[tuple[str, float]]:
+    if len(masks) == 0:
+        return [(kind, 0.0) for kind, _ in truth]
+    gt = np.stack([m for _, m in truth]).reshape(len(truth), -1).astype(np.float32)
+    found = masks.reshape(len(masks), -1).astype(np.float32)
+    inter = gt @ found.T
+    union = gt.sum(1)[:, None] + found.sum(1)[None, :] - inter
+    return list(zip([k for k, _ in truth], (inter / np.maximum(union, 1)).max(axis=1).tolist()))
+
+
+def dense_box_grid(sam, image: np.ndarray) -> np.ndarray:
+    """LiteMedSAM on 284 grid boxes (full decoder), kept at predicted IoU > 0.5 and stability >= 0.5."""
+    from segment_anything import SamPredictor
+    from segment_anything.utils.amg import calculate_stability_score
+
+    working = prepare_image(image, 256)
+    boxes = np.array([[x, y, x + s - 1, y + s - 1] for s in GRID_SIDES for y in range(0, 256 - s + 1, s // 2)
+                      for x in range(0, 256 - s + 1, s // 2)], dtype=np.float64)  # fmt: skip
+    predictor = SamPredictor(sam.model)
+    predictor.set_image(working)
+    model_boxes = torch.as_tensor(predictor.transform.apply_boxes(boxes, (256, 256)), dtype=torch.float32)
+    kept = []
+    with torch.no_grad():
+        for start in range(0, len(model_boxes), 64):
+            logits, iou, _ = predictor.predict_torch(None, None, model_boxes[start : start + 64],
+                                                     multimask_output=False, return_logits=True)  # fmt: skip
+            logits, iou = logits[:, 0], iou[:, 0]
+            stability = calculate_stability_score(logits, sam.model.mask_threshold, 1.0)
+            keep = (iou > 0.5) & (stability >= 0.5)
+            kept.append((logits[keep] > sam.model.mask_threshold).numpy())
+    return np.concatenate(kept)
+
+
+def candidates_only(image: np.ndarray, params: ProposalParams) -> np.ndarray:
+    """The box generator's candidate regions, as prompted (after box NMS), without the model."""
+    bp = params.boxes
+    working = prepare_image(image, params.working_size, params.channel_order)
+    grey = bx.denoised_grey(working, bp.smooth_sigma)
+    found = bx.candidate_regions(grey, delta=bp.mser_delta, max_variation=bp.mser_max_variation,
+                                 min_area=bp.min_region_area, max_area=int(bp.max_region_fraction * 256 * 256))  # fmt: skip
+    contrast = bx.boundary_contrast(grey, found.masks, bp.ring_width, bp.ring_gap)
+    keep = bx.greedy_nms(bx.box_iou(found.boxes, found.boxes), contrast, bp.candidate_nms)[: bp.max_candidates]
+    return found.masks[keep]
+
+
+def run(name: str, images, propose) -> dict:
+    """Best IoU per structure, proposals and seconds per image for one method."""
+    scores, counts, wall, cpu, model = [], [], [], [], []
+    for image, truth in images:
+        started, cpu_started = time.perf_counter(), time.process_time()
+        found = propose(image)
+        wall.append(time.perf_counter() - started)
+        cpu.append(time.process_time() - cpu_started)
+        masks = found.masks if isinstance(found, Proposals) else found
+        if isinstance(found, Proposals):
+            model.append((found.timings.encoder_s, found.timings.decoder_s, found.timings.decoder_calls))
+        counts.append(len(masks))
+        scores.extend(best_iou(truth, masks))
+        print(f"  {name}: image {len(counts)}/{len(images)}, {len(masks)} proposals, {wall[-1]:.1f} s", file=sys.stderr)
+    return {"name": name, "images": len(images), "scores": scores, "count": np.mean(counts), "wall": np.mean(wall),
+            "cpu": np.mean(cpu), "model": np.mean(model, axis=0) if model else None}  # fmt: skip
+
+
+def row(result: dict) -> str:
+    cells = []
+    for column in COLUMNS:
+        ious = np.array([v for k, v in result["scores"] if k == column or (column == "all" and k != "other")])
+        cells.append(f"{np.mean(ious >= 0.5):.2f} / {np.mean(ious >= 0.75):.2f} ({len(ious)})" if len(ious) else "-")
+    return (f"| {result['name']} | {result['images']} | " + " | ".join(cells)
+            + f" | {result['count']:.1f} | {result['wall']:.2f} | {result['cpu']:.2f} |")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=24, help="phantom test images (default 24)")
+    parser.add_argument("--size", type=int, default=128, help="phantom image side in px (default 128, the config's)")
+    parser.add_argument("--seed", type=int, default=0, help="phantom seed (default 0; the defaults were tuned on 1)")
+    parser.add_argument("--grid-images", type=int, default=2, help="images for the slow dense box grid (default 2)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--methods", default="boxes,candidates,grid,points", help="comma-separated subset to run")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    methods = set(args.methods.split(","))
+    load_before = os.getloadavg()
+    images = phantom_images(args.images, args.size, args.seed)
+    params = ProposalParams.from_dict(bx.BOX_GENERATOR_DEFAULTS)
+    results = []
+    if methods & {"boxes", "grid"}:
+        lite = build_sam("litemedsam")
+        generate_proposals(lite, images[0][0], params)  # warm-up: first-call allocations are not per-image cost
+    if "boxes" in methods:
+        results.append(run("boxes: candidates + LiteMedSAM box prompts + filters", images,
+                           lambda image: generate_proposals(lite, image, params)))  # fmt: skip
+    if "candidates" in methods:
+        results.append(run("candidates alone (no model, as prompted)", images,
+                           lambda image: candidates_only(image, params)))  # fmt: skip
+    if "grid" in methods and args.grid_images > 0:
+        results.append(run("box grid 32/64/128/224, pIoU >= 0.5, stability >= 0.5 (LiteMedSAM)",
+                           images[: args.grid_images], lambda image: dense_box_grid(lite, image)))  # fmt: skip
+    if "points" in methods:
+        tiny = build_sam("tiny", seed=0)
+        reference = ProposalParams()
+        permissive = ProposalParams.from_dict({"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0, "min_side": 6})
+        results.append(run("point grid, reference parameters (tiny SAM, random weights)", images,
+                           lambda image: generate_proposals(tiny, image, reference).masks))  # fmt: skip
+        results.append(run("point grid, IoU/stability thresholds off, min_side 6 (tiny SAM, random weights)", images,
+                           lambda image: generate_proposals(tiny, image, permissive).masks))  # fmt: skip
+    load_after = os.getloadavg()
+    print(f"\nPhantom seed {args.seed}, split test, {args.size} px images at 256 px working size; "
+          f"torch threads {args.threads} (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}), {os.cpu_count()} CPUs; "
+          f"load average before {load_before[0]:.1f}, "
+          f"after {load_after[0]:.1f} (1 min).")
+    print("Share of structures whose best proposal has IoU >= 0.5 / >= 0.75 (number of structures); "
+          "lesion = lesions and cysts; other = spine and marker, not in all.\n")
+    print("| method | images | body | organ | lesion | all | other | proposals / image | s / image (wall) "
+          "| CPU s / image |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for result in results:
+        print(row(result))
+    print()
+    for result in results:
+        if result["model"] is not None:
+            encoder, decoder, calls = result["model"]
+            print(f"{result['name'].split(':')[0]}: per image {encoder:.2f} s image encoder, {decoder:.2f} s prompt "
+                  f"encoder + mask decoder ({calls:.1f} decoder calls), {result['wall'] - encoder - decoder:.2f} s "
+                  "everything else (candidate regions, filters).")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,251 @@
+"""The "boxes" proposal generator: parameters, candidate regions, every filter, windowed decoding, end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from a3tune.labels import box_proposals as bx
+from a3tune.labels.box_params import BoxProposalParams
+from a3tune.labels.proposals import GENERATORS, ProposalParams, generate_proposals, prepare_image
+from a3tune.labels.sam_backends import build_sam
+from segment_anything import SamPredictor
+
+SIZE = 256
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread, as in test_proposals: on a shared 2-core machine two threads that wait on
+    each other made small decoder calls 10-100x slower (measured); restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _ellipse(cx: float, cy: float, ax: float, ay: float) -> np.ndarray:
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE] + 0.5
+    return ((xx - cx) / ax) ** 2 + ((yy - cy) / ay) ** 2 <= 1
+
+
+def _scene(seed: int = 0) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """A body with a bright organ (holding a bright lesion) and a dark organ, with noise and soft edges."""
+    import cv2
+
+    masks = {
+        "body": _ellipse(128, 130, 110, 88),
+        "bright_organ": _ellipse(88, 118, 36, 28),
+        "dark_organ": _ellipse(176, 112, 24, 22),
+        "lesion": _ellipse(80, 116, 8, 7),
+    }
+    level = np.full((SIZE, SIZE), 8.0)
+    for name, value in (("body", 90.0), ("bright_organ", 150.0), ("dark_organ", 45.0), ("lesion", 225.0)):
+        level[masks[name]] = value
+    level = cv2.GaussianBlur(level, (0, 0), 0.8) + np.random.default_rng(seed).normal(0, 4, level.shape)
+    grey = np.clip(np.rint(level), 0, 255).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=2), masks
+
+
+@pytest.fixture(scope="module")
+def lite():
+    return build_sam("litemedsam")
+
+
+@pytest.fixture(scope="module")
+def scene():
+    return _scene()
+
+
+@pytest.fixture(scope="module")
+def found(lite, scene):
+    return generate_proposals(lite, scene[0], ProposalParams.from_dict(bx.BOX_GENERATOR_DEFAULTS))
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max((a | b).sum(), 1))
+
+
+def _params(**boxes) -> ProposalParams:
+    return ProposalParams.from_dict({**bx.BOX_GENERATOR_DEFAULTS, "boxes": boxes})
+
+
+# ------------------------------------------------------------------------------------------------
+# Parameters
+
+
+def test_params_nest_round_trip_and_reject_unknown_keys():
+    assert "boxes" in GENERATORS
+    params = ProposalParams.from_dict({"generator": "boxes", "boxes": {"jitter": 0.05, "mser_delta": 4}})
+    assert params.boxes == BoxProposalParams(jitter=0.05, mser_delta=4)
+    assert ProposalParams.from_dict(params.to_dict()) == params
+    assert ProposalParams().boxes == BoxProposalParams()
+    assert all(f.metadata.get("help") for f in dataclasses.fields(BoxProposalParams))
+    with pytest.raises(ValueError, match=r"unknown boxes parameter\(s\) \['mser_detla'\]"):
+        ProposalParams.from_dict({"boxes": {"mser_detla": 4}})
+    with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['mser_delta'\]"):
+        ProposalParams.from_dict({"mser_delta": 4})  # box parameters live under "boxes"
+    with pytest.raises(ValueError, match="boxes.mser_delta must be of type int"):
+        ProposalParams.from_dict({"boxes": {"mser_delta": 4.5}})
+    with pytest.raises(ValueError, match="boxes must be a mapping"):
+        ProposalParams.from_dict({"boxes": [1]})
+    with pytest.raises(ValueError, match="candidate_nms must be in"):
+        ProposalParams.from_dict({"boxes": {"candidate_nms": 0}})
+
+
+# ------------------------------------------------------------------------------------------------
+# Candidate regions and the pure functions
+
+
+def test_candidate_regions_find_every_structure_of_the_constructed_scene(scene):
+    image, masks = scene
+    grey = bx.denoised_grey(image, 1.5)
+    found = bx.candidate_regions(grey, delta=5, max_variation=1.0, min_area=40, max_area=int(0.8 * SIZE * SIZE))
+    assert found.masks.shape[1:] == (SIZE, SIZE) and found.boxes.shape == (len(found), 4)
+    for name, mask in masks.items():
+        # Holes are filled: the organ's region holds its lesion
+        assert max(_iou(mask, m) for m in found.masks) >= 0.8, name
+    assert len(bx.candidate_regions(np.full((SIZE, SIZE), 90, np.uint8), delta=5, max_variation=1.0, min_area=40,
+                                    max_area=50000)) == 0  # fmt: skip
+
+
+def test_tight_boxes_box_iou_and_greedy_nms():
+    masks = np.zeros((2, 8, 8), bool)
+    masks[0, 1:3, 2:6] = True
+    masks[1, 7, 0] = True
+    assert bx.tight_boxes(masks).tolist() == [[2, 1, 6, 3], [0, 7, 1, 8]]
+    boxes = np.array([[0, 0, 10, 10], [0, 0, 10, 11], [20, 20, 30, 30]], np.float32)
+    iou = bx.box_iou(boxes, boxes)
+    assert np.allclose(np.diag(iou), 1) and iou[0, 1] == pytest.approx(100 / 110) and iou[0, 2] == 0
+    # Best score first; the second box overlaps the first above 0.85 and goes
+    assert bx.greedy_nms(iou, np.array([0.9, 0.8, 0.1]), 0.85).tolist() == [0, 2]
+    assert bx.greedy_nms(iou, np.array([0.5, 0.8, 0.1]), 0.85).tolist() == [1, 2]
+    assert bx.greedy_nms(iou, np.array([0.5, 0.8, 0.1]), 0.95).tolist() == [1, 0, 2]
+    assert bx.greedy_nms(np.zeros((0, 0)), np.zeros(0), 0.5).tolist() == []
+
+
+def test_mask_ious():
+    a = np.zeros((3, 4, 4), bool)
+    a[0, :2] = True
+    a[1, :, :2] = True
+    b = a.copy()
+    b[1] = False
+    assert bx.paired_mask_iou(a, b).tolist() == [1.0, 0.0, 0.0]  # two empty masks: 0
+    matrix = bx.mask_iou_matrix(a)
+    assert matrix[0, 1] == pytest.approx(4 / 12) and matrix[0, 0] == 1 and matrix[2, 2] == 0
+
+
+def test_boundary_contrast_separates_structures_from_blobs():
+    rng = np.random.default_rng(0)
+    grey = 90 + rng.normal(0, 5, (SIZE, SIZE))
+    disc = _ellipse(100, 100, 20, 20)
+    grey[disc] += 40
+    blob = np.zeros((SIZE, SIZE), bool)
+    blob[160:200, 150:200] = True  # a box cut out of flat tissue
+    off_by_one = _ellipse(100, 100, 21, 21)  # the disc, one pixel too wide
+    contrast = bx.boundary_contrast(grey, np.stack([disc, blob, off_by_one, np.zeros_like(disc)]), width=3, gap=2)
+    assert contrast[0] > 5 and contrast[2] > 5  # the gap skips the edge itself
+    assert contrast[1] < 0.5 and contrast[3] == 0
+    # Against the image border: outside the image counts as outside, the ring there is just empty
+    corner = np.zeros((SIZE, SIZE), bool)
+    corner[:30, :30] = True
+    assert bx.boundary_contrast(grey, corner[None], width=3, gap=2)[0] < 0.5
+
+
+def test_jittered_boxes_shrink_and_grow_within_the_image():
+    small, large = bx.jittered_boxes(np.array([[10, 20, 110, 70], [0, 0, 256, 256]], np.float32), 0.1, SIZE)
+    assert small[0].tolist() == [20, 25, 100, 65] and large[0].tolist() == [0, 15, 120, 75]
+    assert large[1].tolist() == [0, 0, 256, 256]
+
+
+def test_decoder_windows_hold_their_boxes():
+    boxes = np.array([[10, 10, 14, 13], [30, 2, 40, 20], [0, 0, 60, 60], [60, 60, 63, 64]], np.float32)
+    windows = bx.decoder_windows(boxes, 64, 0.5)
+    for (x0, y0, x1, y1), (side, r0, c0) in zip(boxes, windows):
+        assert side in bx.WINDOW_SIDES and 0 <= r0 <= 64 - side and 0 <= c0 <= 64 - side
+        assert r0 <= y0 and y1 <= r0 + side and c0 <= x0 and x1 <= c0 + side
+    assert windows[0, 0] == 16 and windows[2].tolist() == [64, 0, 0]
+    assert (bx.decoder_windows(boxes, 64, 0.0) == [64, 0, 0]).all()  # whole embedding
+    assert (bx.decoder_windows(boxes[:1] / 4, 16, 0.5)[:, 0] <= 16).all()  # a 16-token embedding (tiny SAM)
+
+
+# ------------------------------------------------------------------------------------------------
+# The model part (LiteMedSAM, real weights)
+
+
+def test_windowed_decoder_agrees_with_the_full_one(lite, scene):
+    image, masks = scene
+    predictor = SamPredictor(lite.model)
+    predictor.set_image(image)
+    boxes = bx.tight_boxes(np.stack(list(masks.values())))
+    windowed, iou_w = bx.decode_boxes(lite, predictor, boxes, window=0.5, batch=2)
+    full, iou_f = bx.decode_boxes(lite, predictor, boxes, window=0.0, batch=8)
+    assert windowed.shape == (4, SIZE, SIZE) and iou_w.shape == (4,)
+    for w, f in zip(windowed > 0, full > 0):
+        assert _iou(w, f) > 0.95
+    assert torch.allclose(iou_w, iou_f, atol=0.05)
+
+
+def test_generator_finds_the_constructed_structures(found, scene):
+    _, masks = scene
+    for name, mask in masks.items():
+        assert max(_iou(mask, m) for m in found.masks) >= 0.8, name
+    assert len(found) <= 8
+    assert found.timings.encoder_calls == 1 and found.timings.decoder_calls >= 1
+    assert (found.predicted_iou > 0.7).all() and (found.stability_score >= 0.6).all()
+
+
+def test_blank_image_gives_zero_proposals_without_running_the_encoder(lite):
+    found = generate_proposals(lite, np.full((300, 200, 3), 77, np.uint8), ProposalParams(generator="boxes"))
+    assert len(found) == 0 and found.masks.shape == (0, SIZE, SIZE) and found.bbox_xywh.shape == (0, 4)
+    assert found.timings.encoder_calls == 0
+
+
+@pytest.mark.parametrize(
+    ("params", "left"),
+    [
+        ({"generator": "boxes", "boxes": {"min_predicted_iou": 0.999}}, 0),  # predicted IoU
+        ({"generator": "boxes", "boxes": {"min_stability": 0.9999}}, 0),  # SAM's stability score
+        ({"generator": "boxes", "boxes": {"min_agreement": 1.0}}, 0),  # candidate vs refined mask
+        ({"generator": "boxes", "boxes": {"min_contrast": 1e6}}, 0),  # boundary contrast
+        # Box jitter (judges the model's masks, so none of the candidate regions is kept instead)
+        ({"generator": "boxes", "boxes": {"jitter": 0.2, "min_jitter_stability": 1.01, "prefer_region_contrast": 1e9}},
+         0),
+        ({"generator": "boxes", "boxes": {"max_candidates": 0}}, 0),  # prompt budget
+        ({"generator": "boxes", "boxes": {"mask_nms": 0.01}}, 2),  # mask NMS: only disjoint masks stay
+    ],
+)
+def test_each_filter_removes_what_it_should(lite, scene, found, params, left):
+    params.setdefault("min_side", 6)
+    fewer = generate_proposals(lite, scene[0], ProposalParams.from_dict(params))
+    assert len(fewer) <= left < len(found)
+
+
+def test_regions_replace_refined_masks_only_where_their_boundary_is_sharper(lite, scene, found):
+    image, _ = scene
+    grey = bx.denoised_grey(image, 1.5)
+    regions = bx.candidate_regions(grey, delta=5, max_variation=1.0, min_area=40, max_area=int(0.8 * SIZE * SIZE))
+    always = generate_proposals(lite, image, _params(prefer_region_contrast=0.0))
+    never = generate_proposals(lite, image, _params(prefer_region_contrast=1e9))
+    assert len(always) and all(any((m == r).all() for r in regions.masks) for m in always.masks)
+    assert not any(any((m == r).all() for r in regions.masks) for m in never.masks)
+    assert len(found) == len(never)
+
+
+def test_jitter_keeps_stable_structures(lite, scene, found):
+    jittered = generate_proposals(lite, scene[0], _params(jitter=0.03, min_jitter_stability=0.8))
+    assert len(jittered) >= len(found) - 1
+    assert jittered.timings.decoder_calls > found.timings.decoder_calls
+
+
+def test_runs_on_the_original_sam_architecture():
+    """Tiny SAM (16-token embedding, random weights): the path works, windows capped at the grid."""
+    tiny = build_sam("tiny", seed=0)
+    image, _ = _scene()
+    off = {"max_area": SIZE * SIZE, "border_margin": -1, "min_side": 0,
+           "boxes": {"min_predicted_iou": -1.0, "min_stability": 0.0, "min_agreement": 0.0, "min_contrast": 0.0}}  # fmt: skip
+    found = generate_proposals(tiny, prepare_image(image, SIZE), ProposalParams.from_dict({"generator": "boxes", **off}))
+    assert found.masks.shape[1:] == (SIZE, SIZE) and found.timings.encoder_calls == 1
