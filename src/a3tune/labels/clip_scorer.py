@@ -322,8 +322,8 @@ def load_clip(
     open_clip = import_open_clip()
     # The folder's config and preprocess_cfg, with the towers' configs overridden as above; weights
     # are loaded below from the file chosen here, not from open_clip's own search of the folder
-    # (so open_clip's "initialized randomly" warning does not apply and is dropped).
-    with _drop_root_warning("No pretrained weights loaded"):
+    # (so open_clip's "initialized randomly" and "skipping" messages do not apply and are dropped).
+    with _drop_root_records("No pretrained weights loaded", "Potential checkpoint path"):
         model = open_clip.create_model(
             f"local-dir:{model_dir}", load_weights=False, pretrained_text=False, device="cpu",
             text_cfg=text_cfg, vision_cfg=vision_cfg,
@@ -382,11 +382,11 @@ def load_clip_named(
 
 
 @contextlib.contextmanager
-def _drop_root_warning(prefix: str) -> Iterator[None]:
-    """Drop root-logger records starting with ``prefix`` (open_clip logs through the root logger)."""
+def _drop_root_records(*prefixes: str) -> Iterator[None]:
+    """Drop root-logger records starting with one of ``prefixes`` (open_clip logs to the root logger)."""
 
     def keep(record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(prefix)
+        return not str(record.msg).startswith(prefixes)
 
     root = logging.getLogger()
     root.addFilter(keep)
