@@ -95,14 +95,9 @@ def dense_box_grid(sam, image: np.ndarray) -> np.ndarray:
 
 def candidates_only(image: np.ndarray, params: ProposalParams) -> np.ndarray:
     """The box generator's candidate regions, as prompted (after box NMS), without the model."""
-    bp = params.boxes
     working = prepare_image(image, params.working_size, params.channel_order)
-    grey = bx.denoised_grey(working, bp.smooth_sigma)
-    found = bx.candidate_regions(grey, delta=bp.mser_delta, max_variation=bp.mser_max_variation,
-                                 min_area=bp.min_region_area, max_area=int(bp.max_region_fraction * 256 * 256))  # fmt: skip
-    contrast = bx.boundary_contrast(grey, found.masks, bp.ring_width, bp.ring_gap)
-    keep = bx.greedy_nms(bx.box_iou(found.boxes, found.boxes), contrast, bp.candidate_nms)[: bp.max_candidates]
-    return found.masks[keep]
+    found, _ = bx.prompt_candidates(bx.denoised_grey(working, params.boxes.smooth_sigma), params.boxes)
+    return found.masks
 
 
 def run(name: str, images, propose) -> dict:

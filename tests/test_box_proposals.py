@@ -227,7 +227,9 @@ def test_each_filter_removes_what_it_should(lite, scene, found, params, left):
 def test_regions_replace_refined_masks_only_where_their_boundary_is_sharper(lite, scene, found):
     image, _ = scene
     grey = bx.denoised_grey(image, 1.5)
-    regions = bx.candidate_regions(grey, delta=5, max_variation=1.0, min_area=40, max_area=int(0.8 * SIZE * SIZE))
+    regions, contrast = bx.prompt_candidates(grey, BoxProposalParams())
+    assert len(contrast) == len(regions) and (bx.box_iou(regions.boxes, regions.boxes)[np.triu_indices(len(regions), 1)]
+                                              <= 0.85).all()  # fmt: skip
     always = generate_proposals(lite, image, _params(prefer_region_contrast=0.0))
     never = generate_proposals(lite, image, _params(prefer_region_contrast=1e9))
     assert len(always) and all(any((m == r).all() for r in regions.masks) for m in always.masks)
@@ -245,7 +247,7 @@ def test_runs_on_the_original_sam_architecture():
     """Tiny SAM (16-token embedding, random weights): the path works, windows capped at the grid."""
     tiny = build_sam("tiny", seed=0)
     image, _ = _scene()
-    off = {"max_area": SIZE * SIZE, "border_margin": -1, "min_side": 0,
-           "boxes": {"min_predicted_iou": -1.0, "min_stability": 0.0, "min_agreement": 0.0, "min_contrast": 0.0}}  # fmt: skip
-    found = generate_proposals(tiny, prepare_image(image, SIZE), ProposalParams.from_dict({"generator": "boxes", **off}))
+    filters_off = {"min_predicted_iou": -1.0, "min_stability": 0.0, "min_agreement": 0.0, "min_contrast": 0.0}
+    params = {"generator": "boxes", "max_area": SIZE * SIZE, "border_margin": -1, "min_side": 0, "boxes": filters_off}
+    found = generate_proposals(tiny, prepare_image(image, SIZE), ProposalParams.from_dict(params))
     assert found.masks.shape[1:] == (SIZE, SIZE) and found.timings.encoder_calls == 1

@@ -77,6 +77,24 @@ def test_masks_are_exact_and_intensities_differ():
         assert ("cyst_0" in s) == (plan.cyst_organ is not None)
 
 
+def test_scanner_realism_is_on_by_default_and_leaves_the_shapes_alone():
+    """Texture, grain, bias and point spread give ~6-9 grey levels of variation inside an organ (about
+    10-15 HU at a 400-HU window, routine-dose abdominal CT); turned off, only the white noise is left."""
+    from scipy import ndimage
+
+    flat = PhantomConfig(texture=0.0, bias=0.0, grain=0.0, blur=0.0)
+    for plan in plan_split(PhantomConfig(), "test")[:4]:
+        real, plain = draw(PhantomConfig(), plan), draw(flat, plan)
+        assert real.structures.keys() == plain.structures.keys()
+        assert all((real.structures[k].mask == plain.structures[k].mask).all() for k in real.structures)
+        liver = ndimage.binary_erosion(real.structures["liver"].mask, iterations=3)
+        findings = [s.mask for s in real.structures.values() if s.kind in ("lesion", "cyst")]
+        liver &= ~ndimage.binary_dilation(np.logical_or.reduce([np.zeros_like(liver), *findings]), iterations=3)
+        assert 6.0 < real.image[..., 0][liver].std() < 10.0
+        assert plain.image[..., 0][liver].std() < 6.0
+        assert not (real.image == plain.image).all()
+
+
 def test_answers_follow_the_masks_on_disk(small_root):
     data = json.loads((small_root / "phantom.json").read_text())
     images = {img["path"]: img for img in data["images"]}
@@ -186,6 +204,9 @@ def test_reader_rejects_options_and_names_bad_rows(tmp_path, small_root):
         ({"size": 64}, "smallest organ"),
         ({"organs": ["liver", "heart"]}, "heart"),
         ({"organs": ["liver"]}, "organs"),
+        ({"blur": 5}, "blur must be in"),
+        ({"bias": -0.1}, "bias must be in"),
+        ({"grain": "high"}, "grain must be a number"),
     ],
 )
 def test_from_dict_rejects_bad_params_naming_them(params, named):

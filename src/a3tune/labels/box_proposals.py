@@ -288,18 +288,26 @@ def decode_boxes(
 # The generator
 
 
+def prompt_candidates(grey: np.ndarray, bp: BoxProposalParams) -> tuple[Candidates, np.ndarray]:
+    """The candidate regions to prompt with, and their boundary contrast (the generator's model-free part)."""
+    size = grey.shape[0] * grey.shape[1]
+    # Candidate regions: MSER on the denoised image, both polarities, holes filled
+    found = candidate_regions(grey, delta=bp.mser_delta, max_variation=bp.mser_max_variation,
+                              min_area=bp.min_region_area, max_area=int(bp.max_region_fraction * size))  # fmt: skip
+    # One prompt per distinct box: box NMS, strongest boundary first, at most max_candidates
+    contrast = boundary_contrast(grey, found.masks, bp.ring_width, bp.ring_gap)
+    keep = greedy_nms(box_iou(found.boxes, found.boxes), contrast, bp.candidate_nms)[: bp.max_candidates]
+    return found.filter(keep), contrast[keep]
+
+
+
 def generate_box_proposals(sam: LoadedSam, image: np.ndarray, params: ProposalParams) -> Proposals:
     """Box-prompt proposals on the (S, S, 3) uint8 working image; registered as generator ``"boxes"``."""
     bp: BoxProposalParams = params.boxes
     size = image.shape[0]
     grey = denoised_grey(image, bp.smooth_sigma)
-    # Candidate regions: MSER on the denoised image, both polarities, holes filled
-    found = candidate_regions(grey, delta=bp.mser_delta, max_variation=bp.mser_max_variation,
-                              min_area=bp.min_region_area, max_area=int(bp.max_region_fraction * size * size))  # fmt: skip
-    # One prompt per distinct box: box NMS, strongest boundary first, at most max_candidates
-    contrast = boundary_contrast(grey, found.masks, bp.ring_width, bp.ring_gap)
-    keep = greedy_nms(box_iou(found.boxes, found.boxes), contrast, bp.candidate_nms)[: bp.max_candidates]
-    found, contrast = found.filter(keep), contrast[keep]
+    # Candidate regions, one per distinct box, with their boundary contrast
+    found, contrast = prompt_candidates(grey, bp)
     if not len(found):
         return Proposals.empty(size)
     # Encoder once; each candidate's padded box through the single-mask output
