@@ -22,7 +22,6 @@ to the file shipped in its package and checks it against the package's SHA-256.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import warnings
 from functools import partial
@@ -32,6 +31,7 @@ from typing import Callable
 import torch
 
 from a3tune.compat import ensure_torchvision
+from a3tune.io.provenance import hash_file
 
 ensure_torchvision()  # segment_anything imports torchvision
 
@@ -292,14 +292,6 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _load(
     name: str,
     make: Callable[[], Sam],
@@ -314,7 +306,7 @@ def _load(
         raise ValueError(f"SAM backend {name!r} needs a checkpoint: pass the path of a local weights file")
     # Read the weights before building, so a bad path fails before a slow build
     state = load_state_dict(checkpoint) if checkpoint is not None else None
-    sha256 = file_sha256(checkpoint) if checkpoint is not None else None
+    sha256 = hash_file(checkpoint) if checkpoint is not None else None
     if expected_sha256 is not None and sha256 != expected_sha256:
         raise ValueError(f"SAM checkpoint {checkpoint} has sha256 {sha256}, expected {expected_sha256}")
     # Random initialisation from the seed, without touching the global generator
