@@ -33,3 +33,15 @@ def default_config() -> dict:
 @pytest.fixture
 def tiny_config() -> dict:
     return yaml.safe_load((REPO / "tests" / "configs" / "tiny.yaml").read_text())
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: these models are small, and on a shared 2-core machine two threads that
+    wait on each other made the tiny model's passes 10-100x slower (measured); restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

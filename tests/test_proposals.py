@@ -37,14 +37,7 @@ PERMISSIVE = {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0, "min_mask_r
               "border_margin": -1, "min_side": 0}  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these models are small, and on a shared 2-core machine two threads that
-    wait on each other made the tiny model's passes 10-100x slower (measured); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rect(x: int, y: int, w: int, h: int, size: int = 256) -> np.ndarray:

@@ -24,14 +24,7 @@ from a3tune.labels.sam_backends import (
 from segment_anything import SamPredictor, sam_model_registry
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these models are small, and on a shared 2-core machine two threads that
-    wait on each other made the tiny model's passes 10-100x slower (measured); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _weights(sam: LoadedSam) -> dict[str, torch.Tensor]:
