@@ -1,6 +1,6 @@
 """Benchmark of the sam_masks stage: throughput, time outside the model, incremental rerun cost.
 
-    python bench/sam_stage_bench.py [--images 100] [--backend litemedsam] [--generator boxes]
+    python bench/sam_stage_bench.py [--images 100] [--backend litemedsam] [--params '{"generator": "boxes"}']
 
 Generates a phantom data set, runs the stage on all images (one shard, cold cache), changes 1 % of
 the images, re-imports and reruns the stage, and prints one table of ratios measured in this run:
@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 from PIL import Image
 
 from a3tune.data.importer import import_dataset
@@ -28,13 +29,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=100, help="phantom images (all in the train split)")
     parser.add_argument("--backend", default="litemedsam")
-    parser.add_argument("--params", default="{}", help="proposal parameters (JSON)")
-    parser.add_argument("--generator", default=None, help="shorthand for params.generator")
+    parser.add_argument("--params", default=None, help="proposal parameters (JSON; default: config.yaml's labels.sam.params)")
     parser.add_argument("--changed", type=float, default=0.01, help="share of images changed before the rerun")
     args = parser.parse_args()
-    params = json.loads(args.params)
-    if args.generator:
-        params["generator"] = args.generator
+    params = json.loads(args.params) if args.params else demo_params()
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -73,6 +71,12 @@ def main() -> None:
     print(f"|{'-' * 46}|{'-' * 12}|--------|")
     for name, value, target in rows:
         print(f"| {name:<44} | {value:>10} | {target:<6} |")
+
+
+def demo_params() -> dict:
+    """The proposal parameters of the embedded demo (config.yaml), so the bench measures what the demo runs."""
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "config.yaml").read_text())
+    return config["labels"]["sam"]["params"]
 
 
 if __name__ == "__main__":

@@ -17,14 +17,7 @@ from segment_anything import SamPredictor
 SIZE = 256
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread, as in test_proposals: on a shared 2-core machine two threads that wait on
-    each other made small decoder calls 10-100x slower (measured); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ellipse(cx: float, cy: float, ax: float, ay: float) -> np.ndarray:
@@ -110,6 +103,19 @@ def test_candidate_regions_find_every_structure_of_the_constructed_scene(scene):
         assert max(_iou(mask, m) for m in found.masks) >= 0.8, name
     assert len(bx.candidate_regions(np.full((SIZE, SIZE), 90, np.uint8), delta=5, max_variation=1.0, min_area=40,
                                     max_area=50000)) == 0  # fmt: skip
+
+
+def test_fill_holes_equals_scipy_on_shapes_with_holes_and_diagonal_gaps():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    ring = np.zeros((9, 9), bool)
+    ring[1:8, 1:8], ring[3:6, 3:6] = True, False
+    diagonal = np.array([[0, 1, 0], [1, 0, 1], [0, 1, 0]], bool)  # a hole sealed only diagonally
+    shapes = [ring, diagonal, np.ones((3, 4), bool), np.zeros((2, 2), bool)]
+    shapes += [rng.random((int(h), int(w))) < 0.6 for h, w in rng.integers(1, 30, size=(200, 2))]
+    for shape in shapes:
+        assert (bx.fill_holes(shape) == ndimage.binary_fill_holes(shape)).all()
 
 
 def test_tight_boxes_box_iou_and_greedy_nms():

@@ -38,7 +38,6 @@ import dataclasses
 import cv2
 import numpy as np
 import torch
-from scipy import ndimage
 
 from a3tune.compat import ensure_torchvision
 from a3tune.labels.box_params import BoxProposalParams
@@ -99,9 +98,23 @@ def candidate_regions(
     size = grey.shape
     masks = np.zeros((len(regions), *size), dtype=bool)
     for i, points in enumerate(regions):
-        masks[i, points[:, 1], points[:, 0]] = True
-        masks[i] = ndimage.binary_fill_holes(masks[i])
+        # Fill holes inside the region's box only: outside it is background connected to the
+        # image's edge, so the result is the whole-image fill at a fraction of its cost
+        xs, ys = points[:, 0], points[:, 1]
+        x0, y0 = xs.min(), ys.min()
+        crop = np.zeros((ys.max() - y0 + 1, xs.max() - x0 + 1), dtype=bool)
+        crop[ys - y0, xs - x0] = True
+        masks[i, y0 : y0 + crop.shape[0], x0 : x0 + crop.shape[1]] = fill_holes(crop)
     return Candidates(masks, tight_boxes(masks))
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``mask`` with every background pixel not 4-connected to the edge set, as
+    ``scipy.ndimage.binary_fill_holes`` does; a flood fill from a one-pixel frame, ~10x faster."""
+    framed = np.zeros((mask.shape[0] + 2, mask.shape[1] + 2), dtype=np.uint8)
+    framed[1:-1, 1:-1] = mask
+    cv2.floodFill(framed, None, (0, 0), 2, flags=4)
+    return framed[1:-1, 1:-1] != 2
 
 
 def tight_boxes(masks: np.ndarray) -> np.ndarray:
@@ -173,13 +186,13 @@ def boundary_contrast(grey: np.ndarray, masks: np.ndarray, width: int, gap: int)
 
     out = np.zeros(len(masks), dtype=np.float32)
     size = grey.shape
-    for i, mask in enumerate(masks):
-        ys, xs = np.nonzero(mask)
-        if len(ys) == 0:
+    boxes = tight_boxes(masks).astype(np.int64)
+    for i, (mask, (bx0, by0, bx1, by1)) in enumerate(zip(masks, boxes)):
+        if not mask[by0:by1, bx0:bx1].any():
             continue
         # Work inside the mask's box grown by the rings' reach; outside the image is outside the mask
-        y0, y1 = max(ys.min() - reach - 1, 0), min(ys.max() + reach + 2, size[0])
-        x0, x1 = max(xs.min() - reach - 1, 0), min(xs.max() + reach + 2, size[1])
+        y0, y1 = max(by0 - reach - 1, 0), min(by1 + reach + 1, size[0])
+        x0, x1 = max(bx0 - reach - 1, 0), min(bx1 + reach + 1, size[1])
         crop = mask[y0:y1, x0:x1].astype(np.uint8)
 
         def erode(radius: int) -> np.ndarray:
