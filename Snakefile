@@ -16,6 +16,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/weak_labels.smk"
 include: "workflow/rules/refine.smk"
+include: "workflow/rules/probe.smk"
 
 
 rule all:

@@ -10,6 +10,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from a3tune.compat import ensure_torchvision
+
+# Tests import segment_anything, open_clip and transformers directly, in whatever order the import
+# sorter puts them: install the torchvision shim before any test module is imported.
+ensure_torchvision()
+
 REPO = Path(__file__).resolve().parents[1]
 
 

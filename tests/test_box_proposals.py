@@ -7,12 +7,12 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from segment_anything import SamPredictor
 
 from a3tune.labels import box_proposals as bx
 from a3tune.labels.box_params import BoxProposalParams
 from a3tune.labels.proposals import GENERATORS, ProposalParams, generate_proposals, prepare_image
 from a3tune.labels.sam_backends import build_sam
-from segment_anything import SamPredictor
 
 SIZE = 256
 

@@ -12,8 +12,17 @@ import numpy as np
 import polars as pl
 import pytest
 
-from a3tune.io import Provenance, atomic_dir, atomic_file, hash_path, open_store, read_parquet, read_provenance
-from a3tune.io import write_parquet, write_store
+from a3tune.io import (
+    Provenance,
+    atomic_dir,
+    atomic_file,
+    hash_path,
+    open_store,
+    read_parquet,
+    read_provenance,
+    write_parquet,
+    write_store,
+)
 from a3tune.io.atomic import is_temporary
 from a3tune.io.contracts import ContractError, check_contract, empty_frame
 from a3tune.io.inspect import inspect_path

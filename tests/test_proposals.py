@@ -8,6 +8,8 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from segment_anything import SamPredictor
+from segment_anything.utils.amg import batched_mask_to_box, box_xyxy_to_xywh
 
 from a3tune.data.phantom_scene import ORGANS, draw_scene
 from a3tune.labels.box_params import BoxProposalParams
@@ -29,8 +31,6 @@ from a3tune.labels.proposals import (
     time_model,
 )
 from a3tune.labels.sam_backends import build_sam
-from segment_anything import SamPredictor
-from segment_anything.utils.amg import batched_mask_to_box, box_xyxy_to_xywh
 
 # Random weights give low scores: with these a tiny SAM proposes something
 PERMISSIVE = {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0, "min_mask_region_area": 0, "max_area": 65536,

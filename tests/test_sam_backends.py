@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from segment_anything import SamPredictor, sam_model_registry
 
 from a3tune.data.phantom_scene import ORGANS, bbox_xywh, draw_scene
 from a3tune.labels.sam_backends import (
@@ -21,8 +22,6 @@ from a3tune.labels.sam_backends import (
     load_state_dict,
     sam_vit,
 )
-from segment_anything import SamPredictor, sam_model_registry
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

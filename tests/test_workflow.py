@@ -5,13 +5,12 @@ from __future__ import annotations
 import copy
 
 import pytest
+from conftest import REPO, run_snakemake
 
 from a3tune.io import read_provenance
 from a3tune.io.contracts import check_contract
 from a3tune.io.inspect import inspect_path
 from a3tune.io.parquet import read_parquet
-
-from conftest import REPO, run_snakemake
 
 
 def test_lint_is_clean(tmp_path, default_config):
@@ -78,6 +77,11 @@ def test_tiny_dag_runs_and_artifacts_carry_provenance(tmp_path, tiny_config):
         for store in [tmp_path / "labels" / ds / "labels.zarr", *(tmp_path / "labels" / ds / "proposals").glob("*.zarr")]:
             assert read_provenance(store) is not None
         assert len(list((tmp_path / "results" / "labels" / ds / "overlays").glob("*.png"))) == 3
+        assert read_provenance(tmp_path / "models" / "demo_lvlm" / ds).stage == "demo_lvlm"
+        heads = read_parquet(tmp_path / "probe" / "demo" / ds / "heads.parquet", contract="heads")
+        assert heads.height == 2 * 4 and heads["selected"].sum() == 2  # 2 layers x 4 heads, top 0.25
+        assert read_provenance(tmp_path / "probe" / "demo" / ds / "heads.parquet").stage == "probe_heads"
+        assert (tmp_path / "results" / "probe" / "demo" / ds / "heads.png").stat().st_size > 0
     # Every rule wrote its log and benchmark.
     assert list((tmp_path / "logs").rglob("*.log")) and list((tmp_path / "benchmarks").rglob("*.tsv"))
     # A second run has nothing to do.

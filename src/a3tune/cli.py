@@ -94,6 +94,25 @@ def _cmd_overlays(args: argparse.Namespace) -> None:
     log.info("overlays: %d PNGs in %s", len(written), args.out)
 
 
+def _cmd_demo_lvlm(args: argparse.Namespace) -> None:
+    from a3tune.models.demo_lvlm import train_demo_lvlm
+
+    train_demo_lvlm(
+        args.samples, args.images, args.root, args.out, architecture=args.architecture, training=args.training,
+        seed=args.seed, progress=not args.no_progress,
+    )  # fmt: skip
+
+
+def _cmd_probe_heads(args: argparse.Namespace) -> None:
+    from a3tune.probe.probe_stage import run_probe
+
+    run_probe(
+        args.model, args.samples, args.images, args.labels / "labels.parquet", args.labels / "labels.zarr",
+        args.root, args.out, args.figure, split=args.split, n_samples=args.n_samples, batch_size=args.batch_size,
+        top_k=args.top_k, rank_by=args.rank_by, seed=args.seed, device=args.device, progress=not args.no_progress,
+    )  # fmt: skip
+
+
 def _cmd_inspect(args: argparse.Namespace) -> None:
     if args.target[0] == "labels" and len(args.target) == 2:
         from a3tune.labels.audit import label_metrics, label_report
@@ -189,6 +208,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=12, help="number of samples")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.set_defaults(func=_cmd_overlays)
+
+    p = sub.add_parser("demo_lvlm", help="pre-train the demo's stand-in base Med-LVLM (a small LLaVA)")
+    p.add_argument("--samples", required=True, type=Path, help="samples.parquet")
+    p.add_argument("--images", required=True, type=Path, help="images.parquet")
+    p.add_argument("--root", required=True, type=Path, help="data root")
+    p.add_argument("--architecture", type=_json_object, default={}, help="model sizes (JSON, build_tiny_llava)")
+    p.add_argument("--training", type=_json_object, default={}, help="steps, batch_size, lr, ... (JSON)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the batches")
+    p.add_argument("--out", required=True, type=Path, help="output model folder (Hugging Face format)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_demo_lvlm)
+
+    p = sub.add_parser("probe_heads", help="rank every attention head by its attention on the image")
+    p.add_argument("--model", required=True, type=_json_object,
+                   help='the Med-LVLM (JSON): {"path": "/local/checkpoint"} or {"builder": "smollm2", ...}')
+    p.add_argument("--samples", required=True, type=Path, help="samples.parquet")
+    p.add_argument("--images", required=True, type=Path, help="images.parquet")
+    p.add_argument("--labels", required=True, type=Path, help="labels folder (labels.parquet + labels.zarr)")
+    p.add_argument("--root", required=True, type=Path, help="data root")
+    p.add_argument("--split", default="train", help="split the probe samples come from")
+    p.add_argument("--n-samples", type=int, default=64, help="probe samples (labelled ones first)")
+    p.add_argument("--batch-size", type=int, default=4, help="samples per forward pass")
+    p.add_argument("--top-k", type=float, default=128, help="heads selected: a count, or a fraction below 1")
+    p.add_argument("--rank-by", default="score", help="score (image share, the reference) or inside_score")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--out", required=True, type=Path, help="output heads.parquet")
+    p.add_argument("--figure", type=Path, default=None, help="output heatmap PNG")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_probe_heads)
 
     p = sub.add_parser("inspect", help="print an artifact's schema, counts, statuses and provenance")
     p.add_argument("target", nargs="+", help="PATH (any artifact) or: labels DIR (weak-label audit)")

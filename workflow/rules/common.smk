@@ -13,6 +13,9 @@ LABELS = config["labels"]
 SAM = LABELS["sam"]
 CLIP = LABELS["clip"]
 SHARDS = config["shards"]
+MODEL = config.get("model", {})
+MODEL_NAME = MODEL.get("name", "demo")
+PROBE = config.get("probe", {})
 ENV = "../../envs/a3tune.yaml"
 
 
@@ -46,9 +49,19 @@ def clip_model(wildcards):
     return f"models/demo_clip/{wildcards.ds}"
 
 
+def base_model(wildcards):
+    """The base Med-LVLM folder: the configured checkpoint, or the demo's stand-in for phantom data."""
+    if MODEL.get("path"):
+        return MODEL["path"]
+    if dataset(wildcards)["format"] != "phantom":
+        raise WorkflowError(f"data set {wildcards.ds!r}: set model.path to a local LLaVA-family checkpoint")
+    return f"models/demo_lvlm/{wildcards.ds}"
+
+
 def all_targets():
     targets = []
     for ds in DATASETS:
         targets += [f"data/{ds}/samples.parquet", f"data/{ds}/images.parquet"]
         targets += [f"labels/{ds}/labels.parquet", f"results/labels/{ds}/overlays"]
+        targets += [f"probe/{MODEL_NAME}/{ds}/heads.parquet", f"results/probe/{MODEL_NAME}/{ds}/heads.png"]
     return targets

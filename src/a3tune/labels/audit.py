@@ -111,7 +111,7 @@ def _summary(values: list[float] | np.ndarray) -> dict[str, float | int | None]:
             **{k: float(v) for k, v in zip(("min", "q25", "median", "q75", "max"), q)}}  # fmt: skip
 
 
-def _read_gt(path: Path, size: int) -> np.ndarray:
+def read_gt_mask(path: Path, size: int) -> np.ndarray:
     """A ground-truth PNG as an S×S bool mask (non-zero = inside; alpha ignored; nearest squash)."""
     with Image.open(path) as image:
         image.load()
@@ -154,7 +154,7 @@ def label_metrics(label_dir: str | os.PathLike) -> dict[str, Any]:
     df = _joined(ls)
     masks, grids = ls.store["masks"], ls.store["grid"]
     size = int(masks.shape[-1])
-    read_gt = functools.lru_cache(maxsize=256)(lambda ref: _read_gt(resolve_under(ls.root, ref), size))
+    read_gt = functools.lru_cache(maxsize=256)(lambda ref: read_gt_mask(resolve_under(ls.root, ref), size))
 
     # Per labelled sample, reading the store a block of label rows at a time.
     per_sample: dict[str, dict[str, Any]] = {}
@@ -329,7 +329,7 @@ def write_overlays(
         gt = None
         if rec["gt_mask_ref"] is not None:
             try:
-                gt = _read_gt(resolve_under(ls.root, rec["gt_mask_ref"]), size)
+                gt = read_gt_mask(resolve_under(ls.root, rec["gt_mask_ref"]), size)
             except Exception as exc:  # noqa: BLE001 - draw the labels anyway
                 notes.append(f"gt unreadable: {type(exc).__name__}")
         subtitle = f"{rec['sample_id']}  status={rec['status']}"
