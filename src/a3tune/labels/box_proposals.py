@@ -280,13 +280,16 @@ def decode_boxes(
         side, r0, c0 = (int(v) for v in key)
         rows = np.flatnonzero((windows == key).all(axis=1))
         crop = np.s_[:, :, r0 : r0 + side, c0 : c0 + side]
+        # Crop before indexing: box prompts' dense embeddings are one vector expanded over the
+        # whole embedding, and indexing first would copy that full (n, C, 64, 64) block
+        dense_window = dense[crop]
         for start in range(0, len(rows), batch):
             part = rows[start : start + batch]
             masks, scores = model.mask_decoder(
                 image_embeddings=features[crop],
                 image_pe=dense_pe[crop],
                 sparse_prompt_embeddings=sparse[part],
-                dense_prompt_embeddings=dense[part][crop],
+                dense_prompt_embeddings=dense_window[part],
                 multimask_output=False,
             )
             # Paste the window into a full low-resolution canvas, then resize as SAM does
