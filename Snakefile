@@ -17,6 +17,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/weak_labels.smk"
 include: "workflow/rules/refine.smk"
 include: "workflow/rules/probe.smk"
+include: "workflow/rules/tune.smk"
 
 
 rule all:

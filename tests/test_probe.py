@@ -7,11 +7,11 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
+from fixtures_lvlm import write_lvlm_inputs
 
 from a3tune.io.contracts import check_contract
-from a3tune.io.parquet import read_parquet, write_parquet
-from a3tune.io.provenance import Provenance, read_provenance
-from a3tune.io.zarr_store import build_store
+from a3tune.io.parquet import read_parquet
+from a3tune.io.provenance import read_provenance
 from a3tune.models.capture import LayerCapture, capture_attention, enable_capture
 from a3tune.models.layout import encode_batch
 from a3tune.models.lvlm import build_tiny_llava
@@ -138,38 +138,8 @@ def test_probe_ranks_a_constructed_image_attending_head_first():
 
 @pytest.fixture(scope="module")
 def probe_inputs(tmp_path_factory):
-    """A phantom data set, weak labels made by hand on an 8x8 grid, and a saved tiny LLaVA (P 112, G 8)."""
-    from a3tune.data.importer import import_dataset
-    from a3tune.data.phantom import PhantomConfig, generate
-
     tmp = tmp_path_factory.mktemp("probe")
-    root = tmp / "raw"
-    generate(PhantomConfig.from_dict({"n_images": {"train": 4, "val": 1, "test": 1}, "size": 96,
-                                             "lesion_radius": [3, 5]}), root)
-    samples, images = tmp / "samples.parquet", tmp / "images.parquet"
-    import_dataset("phantom", root, "phantom", samples, images, progress=False)
-    table = read_parquet(samples)
-    train = table.filter(pl.col("split") == "train")["sample_id"].to_list()
-    # Labels for all train samples but the first; the first label row is all zero (status empty_grid)
-    rows = []
-    grids = np.zeros((len(train), 2, 8, 8), np.float16)
-    for i, sample_id in enumerate(train):
-        grids[i, 0, 2:5, 3:6] = 1.0
-        rows.append({"sample_id": sample_id, "image_id": "x", "label_row": i, "n_masks": 1, "proposal_rows": [0],
-                     "clip_scores": [1.0], "all_scores": [1.0], "query_text": "q",
-                     "status": "ok" if i else "empty_grid"})  # fmt: skip
-    grids[0] = 0
-    provenance = Provenance(stage="refine", params={"grid": {"grid": 8, "input_size": 112, "preprocess": "pad",
-                                                             "mode": "area"}})  # fmt: skip
-    with build_store(tmp / "labels.zarr", provenance) as group:
-        group.create_array("grid", shape=grids.shape, dtype=np.float16, chunks=(1, 2, 8, 8))[:] = grids
-    scores = pl.List(pl.Float32)
-    labels = pl.DataFrame(rows, schema_overrides={"label_row": pl.Int64, "n_masks": pl.Int32, "clip_scores": scores,
-                                                   "all_scores": scores})  # fmt: skip
-    write_parquet(labels, tmp / "labels.parquet", provenance, contract="labels")
-    corpus = table["question"].to_list() + table["answer"].to_list()
-    build_tiny_llava(corpus=corpus, text_hidden=32, text_layers=2, text_heads=4, kv_heads=2).save(tmp / "model")
-    return tmp, root, len(train)
+    return tmp, tmp / "raw", write_lvlm_inputs(tmp)
 
 
 def test_stage_writes_ranked_heads_with_provenance_and_a_heatmap(probe_inputs):

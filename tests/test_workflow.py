@@ -82,6 +82,11 @@ def test_tiny_dag_runs_and_artifacts_carry_provenance(tmp_path, tiny_config):
         assert heads.height == 2 * 4 and heads["selected"].sum() == 2  # 2 layers x 4 heads, top 0.25
         assert read_provenance(tmp_path / "probe" / "demo" / ds / "heads.parquet").stage == "probe_heads"
         assert (tmp_path / "results" / "probe" / "demo" / ds / "heads.png").stat().st_size > 0
+        for method in tiny_config["tune"]["methods"]:
+            run = tmp_path / "runs" / method / ds / "seed-0"
+            train_log = read_parquet(run / "train_log.parquet")
+            assert read_provenance(run / "train_log.parquet").stage == "tune" and train_log["loss"].is_finite().all()
+            assert {"adapter_model.safetensors", "adapter_config.json"} <= {p.name for p in (run / "adapter").iterdir()}
     # Every rule wrote its log and benchmark.
     assert list((tmp_path / "logs").rglob("*.log")) and list((tmp_path / "benchmarks").rglob("*.tsv"))
     # A second run has nothing to do.

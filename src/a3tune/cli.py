@@ -113,6 +113,16 @@ def _cmd_probe_heads(args: argparse.Namespace) -> None:
     )  # fmt: skip
 
 
+def _cmd_tune(args: argparse.Namespace) -> None:
+    from a3tune.tune.tune_stage import run_tune
+
+    run_tune(
+        args.model, args.samples, args.images, args.labels, args.root, args.out, args.checkpoints,
+        preset=args.preset, method=args.method, heads_path=args.heads, overrides=args.overrides, seed=args.seed,
+        progress=not args.no_progress,
+    )  # fmt: skip
+
+
 def _cmd_inspect(args: argparse.Namespace) -> None:
     if args.target[0] == "labels" and len(args.target) == 2:
         from a3tune.labels.audit import label_metrics, label_report
@@ -239,6 +249,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_probe_heads)
 
+    p = sub.add_parser("tune", help="train one run's adapters (A3Tune, the LoRA baseline or an ablation)")
+    p.add_argument("--model", required=True, type=_json_object, help='the base Med-LVLM (JSON): {"path": "/local/dir"}')
+    p.add_argument("--samples", required=True, type=Path, help="samples.parquet")
+    p.add_argument("--images", required=True, type=Path, help="images.parquet")
+    p.add_argument("--labels", required=True, type=Path, help="labels folder (labels.parquet + labels.zarr)")
+    p.add_argument("--root", required=True, type=Path, help="data root")
+    p.add_argument("--heads", type=Path, default=None, help="the probe's heads.parquet (methods with static heads)")
+    p.add_argument("--preset", required=True, help="data set preset: slake, vqarad, pathvqa, iu_xray, mimic_cxr, phantom")
+    p.add_argument("--method", required=True, help="a3tune, lora, no_moe, all_heads or dynamic_heads")
+    p.add_argument("--overrides", type=_json_object, default={}, help="settings that replace the presets' (JSON)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the adapters' init and the sample order")
+    p.add_argument("--checkpoints", required=True, type=Path, help="checkpoint folder (kept across reruns)")
+    p.add_argument("--out", required=True, type=Path, help="run folder: adapter/ and train_log.parquet")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_tune)
+
     p = sub.add_parser("inspect", help="print an artifact's schema, counts, statuses and provenance")
     p.add_argument("target", nargs="+", help="PATH (any artifact) or: labels DIR (weak-label audit)")
     p.add_argument("--json", action="store_true", help="with labels: the metrics as JSON")
@@ -256,8 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], None] = args.func
     try:
         func(args)
-    except (ValueError, FileNotFoundError) as exc:
-        # Expected failures (bad data set file, bad parameter, missing input) get one clear line.
+    except (ValueError, FileNotFoundError, FloatingPointError) as exc:
+        # Expected failures (bad data set file, bad parameter, missing input, a diverged training
+        # run) get one clear line.
         log.debug("traceback", exc_info=True)
         print(f"a3tune {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -5,6 +5,8 @@ import re
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
+from a3tune.tune.settings import method_presets
+
 
 validate(config, schema="../schemas/config.schema.yaml")
 
@@ -16,12 +18,16 @@ SHARDS = config["shards"]
 MODEL = config.get("model", {})
 MODEL_NAME = MODEL.get("name", "demo")
 PROBE = config.get("probe", {})
+TUNE = config.get("tune", {})
+PRESET_OF_FORMAT = {"phantom": "phantom", "slake": "slake", "vqarad": "vqarad", "pathvqa": "pathvqa"}
 ENV = "../../envs/a3tune.yaml"
 
 
 wildcard_constraints:
     ds="|".join(re.escape(name) for name in DATASETS),
     shard=r"\d+",
+    seed=r"\d+",
+    method="|".join(method_presets()),
 
 
 def dataset(wildcards):
@@ -58,10 +64,22 @@ def base_model(wildcards):
     return f"models/demo_lvlm/{wildcards.ds}"
 
 
+def tune_preset(wildcards):
+    """The data set's training preset: configured, or named after its format (r2gen needs one)."""
+    entry = dataset(wildcards)
+    if "preset" in entry:
+        return entry["preset"]
+    if entry["format"] not in PRESET_OF_FORMAT:
+        raise WorkflowError(f"data set {wildcards.ds!r}: set datasets.{wildcards.ds}.preset (iu_xray or mimic_cxr)")
+    return PRESET_OF_FORMAT[entry["format"]]
+
+
 def all_targets():
     targets = []
     for ds in DATASETS:
         targets += [f"data/{ds}/samples.parquet", f"data/{ds}/images.parquet"]
         targets += [f"labels/{ds}/labels.parquet", f"results/labels/{ds}/overlays"]
         targets += [f"probe/{MODEL_NAME}/{ds}/heads.parquet", f"results/probe/{MODEL_NAME}/{ds}/heads.png"]
+        for method in TUNE.get("methods", []):
+            targets += [f"runs/{method}/{ds}/seed-{seed}/train_log.parquet" for seed in TUNE.get("seeds", [0])]
     return targets

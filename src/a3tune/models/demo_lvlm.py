@@ -12,7 +12,6 @@ like any local checkpoint.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from a3tune.data.images import STATUS_OK, load_rgb, resolve_under
 from a3tune.io.atomic import atomic_dir
 from a3tune.io.parquet import read_parquet
 from a3tune.io.provenance import Provenance, hash_path
+from a3tune.tune.engine import Engine, check_finite
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,8 @@ def train_demo_lvlm(
     pixels = {p: load_rgb(resolve_under(root, p)) for p in data["path"].unique().sort()}
 
     model = lvlm.model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train["lr"], weight_decay=train["weight_decay"])
-    schedule = cosine_with_warmup(optimizer, train["steps"], train["warmup"])
+    engine = Engine(model, lr=train["lr"], weight_decay=train["weight_decay"], warmup=train["warmup"],
+                    total_steps=train["steps"], seed=seed)  # fmt: skip
     rng = np.random.default_rng(seed)
     curve: list[dict[str, float]] = []
     bar = tqdm(range(train["steps"]), desc="demo_lvlm", unit="step", disable=not progress, mininterval=1.0)
@@ -77,15 +77,11 @@ def train_demo_lvlm(
         rows = data[rng.choice(data.height, size=min(train["batch_size"], data.height), replace=False)]
         batch = encode_batch(lvlm, [pixels[p] for p in rows["path"]], rows["question"].to_list(), rows["answer"].to_list())
         loss = model(**batch.inputs, labels=batch.labels).loss
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"demo_lvlm: loss is {loss.item()} at step {step}; lower training.lr")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        curve.append({"step": step, "loss": float(loss), "lr": schedule.get_last_lr()[0]})
-        bar.set_postfix(loss=f"{float(loss):.3f}", refresh=False)
+        check_finite(loss, step)
+        curve.append({"step": step, "loss": float(loss.detach()), "lr": engine.lr})
+        engine.backward(loss)
+        engine.step()
+        bar.set_postfix(loss=f"{curve[-1]['loss']:.3f}", refresh=False)
     model.eval()
 
     provenance = Provenance(
@@ -102,15 +98,3 @@ def train_demo_lvlm(
     log.info("demo_lvlm: %d steps on %d samples, loss %.3f -> %.3f", train["steps"], data.height,
              summary["first_loss"], summary["last_loss"])  # fmt: skip
     return summary
-
-
-def cosine_with_warmup(optimizer: torch.optim.Optimizer, steps: int, warmup: float) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over ``warmup`` of the steps, then a cosine decay to zero."""
-    warm = max(1, math.ceil(warmup * steps))
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

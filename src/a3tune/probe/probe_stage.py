@@ -16,15 +16,15 @@ import logging
 import os
 from typing import Any
 
-import numpy as np
 import polars as pl
 import torch
 from tqdm import tqdm
 
-from a3tune.data.images import STATUS_OK, load_rgb, resolve_under
-from a3tune.io.parquet import read_parquet, write_parquet
+from a3tune.data.images import load_rgb, resolve_under
+from a3tune.io.parquet import write_parquet
 from a3tune.io.provenance import Provenance, hash_path, read_provenance
 from a3tune.io.zarr_store import open_store
+from a3tune.labels.model_inputs import label_maps, labelled_samples
 from a3tune.probe.head_scores import HeadScoreAccumulator
 
 log = logging.getLogger(__name__)
@@ -121,14 +121,7 @@ def choose_probe_set(samples_path, images_path, labels_table, split: str, n: int
     Columns: sample_id, question, answer, path (image, relative to the data root) and label_row
     (null without a usable label); sorted by sample_id.
     """
-    samples = read_parquet(samples_path, contract="samples").filter(pl.col("split") == split)
-    images = read_parquet(images_path, contract="images").filter(pl.col("status") == STATUS_OK)
-    labels = read_parquet(labels_table, contract="labels")
-    usable = (
-        samples.join(images.select("image_id", "path"), on="image_id")
-        .join(labels.select("sample_id", "label_row", pl.col("status").alias("label_status")), on="sample_id", how="left")
-        .with_columns(pl.when(pl.col("label_status") == STATUS_OK).then(pl.col("label_row")).alias("label_row"))
-    )  # fmt: skip
+    usable = labelled_samples(samples_path, images_path, labels_table, split)
     if usable.is_empty():
         raise ValueError(f"probe: no samples of split {split!r} with a usable image in {samples_path}")
     labelled = usable.filter(pl.col("label_row").is_not_null())
@@ -137,19 +130,6 @@ def choose_probe_set(samples_path, images_path, labels_table, split: str, n: int
         log.warning("probe: no sample of split %r has a usable weak label; inside_score stays empty", split)
     chosen = pool.sample(n=min(n, pool.height), seed=seed, shuffle=True) if pool.height > n else pool
     return chosen.select("sample_id", "question", "answer", "path", "label_row").sort("sample_id")
-
-
-def label_maps(grids, label_rows: list[int | None], n_image_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Label grids of a batch flattened onto the image tokens (B, k, G·G), and which maps are real (B, k)."""
-    k, cells = grids.shape[1], grids.shape[2] * grids.shape[3]
-    if cells != n_image_tokens:
-        raise ValueError(f"label grids have {cells} cells but the model has {n_image_tokens} image tokens")
-    out = np.zeros((len(label_rows), k, n_image_tokens), dtype=np.float32)
-    for i, row in enumerate(label_rows):
-        if row is not None:
-            out[i] = np.asarray(grids[int(row)], dtype=np.float32).reshape(k, -1)
-    maps = torch.from_numpy(out)
-    return maps, maps.sum(dim=2) > 0
 
 
 def _input_hashes(model: dict[str, Any], *paths) -> dict[str, str]:

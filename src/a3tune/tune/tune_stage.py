@@ -1,0 +1,90 @@
+"""Stage ``tune``: train one run's adapters on a data set's training split.
+
+A run is a data set preset and a method (``settings.resolve_settings``) plus a seed. Inputs: the
+base Med-LVLM, the samples with their weak labels, and (static heads) the probe's heads.parquet.
+Outputs, in the run folder: ``adapter/`` (adapter_model.safetensors + adapter_config.json naming the
+base model, the heads, the MoE layout and every setting, with the inputs' hashes) and
+``train_log.parquet`` (loss parts per micro-batch, routing entropy, learning rate; provenance in
+its metadata). Checkpoints go to ``checkpoint_root/<fingerprint>/``, outside the outputs, because
+Snakemake deletes a job's outputs before it reruns the job and a killed run must find them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from a3tune.io.parquet import read_parquet, write_parquet
+from a3tune.io.provenance import Provenance
+from a3tune.io.zarr_store import open_store
+from a3tune.labels.model_inputs import labelled_samples
+from a3tune.tune.settings import resolve_settings
+
+log = logging.getLogger(__name__)
+
+
+def run_tune(
+    model: dict[str, Any],
+    samples_path: str | os.PathLike,
+    images_path: str | os.PathLike,
+    labels_dir: str | os.PathLike,
+    root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    checkpoint_root: str | os.PathLike,
+    *,
+    preset: str,
+    method: str,
+    heads_path: str | os.PathLike | None = None,
+    overrides: dict[str, Any] | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> pl.DataFrame:
+    from a3tune.models.registry import lvlm_from_config
+    from a3tune.probe.probe_stage import check_label_geometry
+    from a3tune.tune.trainer import TrainData, train
+
+    settings = resolve_settings(preset, method, {**(overrides or {}), "seed": seed})
+    labels_dir = Path(labels_dir)
+    heads = selected_heads(heads_path) if settings.heads == "static" else None
+    if settings.heads == "static" and heads_path is None:
+        raise ValueError(f"tune: method {method!r} uses the probe's heads; pass heads.parquet")
+    inputs = {"samples.parquet": samples_path, "images.parquet": images_path,
+              "labels.parquet": labels_dir / "labels.parquet", "labels.zarr": labels_dir / "labels.zarr"}  # fmt: skip
+    if heads is not None:
+        inputs["heads.parquet"] = heads_path
+    if "path" in model:
+        inputs["model"] = model["path"]
+    provenance = Provenance.for_inputs(
+        "tune", {"model": model, "preset": preset, "method": method, "settings": settings.to_dict(),
+                 "heads": {str(k): v for k, v in (heads or {}).items()}}, inputs)  # fmt: skip
+    checkpoints = Path(checkpoint_root) / fingerprint(provenance)
+
+    lvlm = lvlm_from_config(model)
+    check_label_geometry(labels_dir / "labels.zarr", lvlm)
+    samples = labelled_samples(samples_path, images_path, labels_dir / "labels.parquet", "train")
+    data = TrainData(samples, Path(root), open_store(labels_dir / "labels.zarr")["grid"])
+    log.info("tune: %s/%s, %d training samples (%d labelled), %d optimizer steps", preset, method, samples.height,
+             samples["label_row"].is_not_null().sum(), settings.total_steps(samples.height))  # fmt: skip
+    table = train(lvlm, settings, data, out_dir, checkpoints, heads=heads, progress=progress,
+                  record={"provenance": json.loads(provenance.to_json())})  # fmt: skip
+    write_parquet(table, Path(out_dir) / "train_log.parquet", provenance)
+    return table
+
+
+def selected_heads(heads_path: str | os.PathLike) -> dict[int, list[int]]:
+    """layer -> selected head indices, from the probe's heads.parquet."""
+    table = read_parquet(heads_path, contract="heads").filter(pl.col("selected")).sort("layer", "head")
+    if table.is_empty():
+        raise ValueError(f"{heads_path}: no head is selected")
+    return {int(layer): part["head"].to_list() for (layer,), part in table.group_by("layer", maintain_order=True)}
+
+
+def fingerprint(provenance: Provenance) -> str:
+    """A short hash of everything that decides the run (settings, inputs): its checkpoint folder name."""
+    return hashlib.sha256(provenance.to_json().encode()).hexdigest()[:16]

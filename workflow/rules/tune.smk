@@ -1,0 +1,37 @@
+# Stage "tune": one run's adapters (A3Tune, the plain-LoRA baseline or an ablation) per data set and
+# seed. Checkpoints live under cache_dir, outside the outputs, so a killed job resumes on rerun.
+
+
+rule tune:
+    input:
+        samples="data/{ds}/samples.parquet",
+        images="data/{ds}/images.parquet",
+        labels="labels/{ds}/labels.parquet",
+        store="labels/{ds}/labels.zarr",
+        heads=f"probe/{MODEL_NAME}/{{ds}}/heads.parquet",
+        root=dataset_root,
+        model=base_model,
+    output:
+        adapter=directory("runs/{method}/{ds}/seed-{seed}/adapter"),
+        log="runs/{method}/{ds}/seed-{seed}/train_log.parquet",
+    params:
+        model=lambda wildcards, input: json.dumps({"path": input.model}),
+        labels=lambda wildcards: f"labels/{wildcards.ds}",
+        preset=tune_preset,
+        overrides=json.dumps(TUNE.get("overrides", {}), sort_keys=True),
+        run=lambda wildcards: f"runs/{wildcards.method}/{wildcards.ds}/seed-{wildcards.seed}",
+        checkpoints=lambda wildcards: f"{config['cache_dir']}/tune/{wildcards.method}/{wildcards.ds}/seed-{wildcards.seed}",
+    log:
+        "logs/tune/{method}/{ds}/seed-{seed}.log",
+    benchmark:
+        "benchmarks/tune/{method}/{ds}/seed-{seed}.tsv"
+    conda:
+        ENV
+    threads: 2
+    resources:
+        mem_mb=16000,
+    shell:
+        "a3tune tune --model {params.model:q} --samples {input.samples:q} --images {input.images:q}"
+        " --labels {params.labels:q} --root {input.root:q} --heads {input.heads:q} --preset {params.preset:q}"
+        " --method {wildcards.method:q} --overrides {params.overrides:q} --seed {wildcards.seed:q}"
+        " --checkpoints {params.checkpoints:q} --out {params.run:q} > {log:q} 2>&1"
