@@ -3,6 +3,9 @@ a non-finite loss stops the run and keeps the last good checkpoint."""
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import polars as pl
 import pytest
 from fixtures_lvlm import write_lvlm_inputs
@@ -60,6 +63,30 @@ def test_methods_train_and_write_adapter_and_log(inputs, tmp_path, method, overr
     assert prov.params["method"] == method and {"labels.zarr", "model"} <= set(prov.inputs)
 
 
+def test_lora_adapter_merges_into_a_standard_checkpoint(inputs, tmp_path):
+    import torch
+
+    from a3tune.cli import main
+    from a3tune.models.layout import encode_batch
+    from a3tune.models.lvlm import load_lvlm
+    from a3tune.tune.adapters import load_adapter
+
+    _tune(inputs, tmp_path / "run", "lora")
+    model = json.dumps({"path": str(inputs / "model")})
+    assert main(["merge_adapter", "--model", model, "--adapter", str(tmp_path / "run" / "adapter"),
+                 "--out", str(tmp_path / "merged")]) == 0  # fmt: skip
+    merged, adapted = load_lvlm(tmp_path / "merged"), load_lvlm(inputs / "model")
+    load_adapter(adapted.model, tmp_path / "run" / "adapter")
+    batch = encode_batch(merged, [np.zeros((40, 40, 3), np.uint8)], ["is there a lesion"], ["no"])
+    with torch.no_grad():
+        torch.testing.assert_close(merged.model(**batch.inputs).logits, adapted.model.eval()(**batch.inputs).logits,
+                                   atol=1e-5, rtol=0)  # fmt: skip
+    # An A3MoE adapter cannot be merged (its routing depends on the input): a clear error, exit 2
+    _tune(inputs, tmp_path / "moe")
+    assert main(["merge_adapter", "--model", model, "--adapter", str(tmp_path / "moe" / "adapter"),
+                 "--out", str(tmp_path / "nope")]) == 2  # fmt: skip
+
+
 def test_killed_run_resumes_to_the_uninterrupted_adapter(inputs, tmp_path, monkeypatch):
     _tune(inputs, tmp_path / "full")
     prune = trainer.prune_checkpoints
@@ -95,3 +122,27 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(inputs, tmp_pat
         _tune(inputs, tmp_path / "run", checkpoints=checkpoints)
     assert not (tmp_path / "run" / "adapter").exists()
     assert sorted(p.name for p in next(checkpoints.iterdir()).iterdir()) == ["step-00000001", "step-00000002"]
+
+
+@pytest.mark.slow
+def test_two_ranks_under_deepspeed_match_one_rank(inputs, tmp_path):
+    """``--ranks 2``: torchrun, two processes, DeepSpeed ZeRO-2 on gloo; the same global batch as one rank."""
+    import subprocess
+    import sys
+
+    def cli(out, ranks):
+        command = [sys.executable, "-m", "a3tune.cli", "tune", "--model", json.dumps({"path": str(inputs / "model")}),
+                   "--samples", str(inputs / "samples.parquet"), "--images", str(inputs / "images.parquet"),
+                   "--labels", str(inputs), "--root", str(inputs / "raw"), "--heads", str(inputs / "heads.parquet"),
+                   "--preset", "phantom", "--method", "a3tune", "--overrides", json.dumps(SMALL),
+                   "--checkpoints", f"{out}-checkpoints", "--ranks", str(ranks), "--out", str(out),
+                   "--no-progress"]  # fmt: skip
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=400)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    cli(tmp_path / "one", 1)
+    cli(tmp_path / "two", 2)
+    one = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+    two = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
+    assert one.keys() == two.keys() and max(float((one[k] - two[k]).abs().max()) for k in one) < 1e-5
+    assert read_parquet(tmp_path / "two" / "train_log.parquet")["step"].max() == 4

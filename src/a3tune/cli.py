@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -116,11 +117,34 @@ def _cmd_probe_heads(args: argparse.Namespace) -> None:
 def _cmd_tune(args: argparse.Namespace) -> None:
     from a3tune.tune.tune_stage import run_tune
 
+    if args.ranks > 1 and "WORLD_SIZE" not in os.environ:
+        # One process per rank (GPU), the same command under torchrun; each rank lands here again
+        command = rank_launch_command(args.ranks, args.argv)
+        log.info("tune: launching %d ranks: %s", args.ranks, " ".join(command))
+        os.execv(command[0], command)
+
     run_tune(
         args.model, args.samples, args.images, args.labels, args.root, args.out, args.checkpoints,
         preset=args.preset, method=args.method, heads_path=args.heads, overrides=args.overrides, seed=args.seed,
         progress=not args.no_progress,
     )  # fmt: skip
+
+
+def _cmd_merge_adapter(args: argparse.Namespace) -> None:
+    from a3tune.models.registry import lvlm_from_config
+    from a3tune.tune.adapters import load_adapter, merge_lora
+
+    lvlm = lvlm_from_config(args.model)
+    load_adapter(lvlm.model, args.adapter)
+    merge_lora(lvlm.model)
+    lvlm.save(args.out)
+    log.info("merge_adapter: %s + %s -> %s", args.model, args.adapter, args.out)
+
+
+def rank_launch_command(ranks: int, argv: list[str]) -> list[str]:
+    """``a3tune <argv>`` as ``ranks`` processes on this node under torchrun (this interpreter)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+            "-m", "a3tune.cli", *argv]  # fmt: skip
 
 
 def _cmd_inspect(args: argparse.Namespace) -> None:
@@ -261,9 +285,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overrides", type=_json_object, default={}, help="settings that replace the presets' (JSON)")
     p.add_argument("--seed", type=int, default=0, help="seed of the adapters' init and the sample order")
     p.add_argument("--checkpoints", required=True, type=Path, help="checkpoint folder (kept across reruns)")
+    p.add_argument("--ranks", type=int, default=1, help="data-parallel ranks (one per GPU), launched with torchrun")
     p.add_argument("--out", required=True, type=Path, help="run folder: adapter/ and train_log.parquet")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_tune)
+
+    p = sub.add_parser("merge_adapter", help="fold a LoRA-only adapter into the base model: a standard HF checkpoint")
+    p.add_argument("--model", required=True, type=_json_object, help='the base Med-LVLM (JSON): {"path": "/local/dir"}')
+    p.add_argument("--adapter", required=True, type=Path, help="adapter folder (runs/<method>/<ds>/seed-<n>/adapter)")
+    p.add_argument("--out", required=True, type=Path, help="output model folder")
+    p.set_defaults(func=_cmd_merge_adapter)
 
     p = sub.add_parser("inspect", help="print an artifact's schema, counts, statuses and provenance")
     p.add_argument("target", nargs="+", help="PATH (any artifact) or: labels DIR (weak-label audit)")
@@ -273,7 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

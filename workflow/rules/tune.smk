@@ -21,6 +21,8 @@ rule tune:
         overrides=json.dumps(TUNE.get("overrides", {}), sort_keys=True),
         run=lambda wildcards: f"runs/{wildcards.method}/{wildcards.ds}/seed-{wildcards.seed}",
         checkpoints=lambda wildcards: f"{config['cache_dir']}/tune/{wildcards.method}/{wildcards.ds}/seed-{wildcards.seed}",
+        # One rank per GPU the job was given (profiles/slurm: set-resources tune gpu), at least one
+        ranks=lambda wildcards, resources: max(int(resources.get("gpu", 0) or 0), 1),
     log:
         "logs/tune/{method}/{ds}/seed-{seed}.log",
     benchmark:
@@ -34,4 +36,4 @@ rule tune:
         "a3tune tune --model {params.model:q} --samples {input.samples:q} --images {input.images:q}"
         " --labels {params.labels:q} --root {input.root:q} --heads {input.heads:q} --preset {params.preset:q}"
         " --method {wildcards.method:q} --overrides {params.overrides:q} --seed {wildcards.seed:q}"
-        " --checkpoints {params.checkpoints:q} --out {params.run:q} > {log:q} 2>&1"
+        " --checkpoints {params.checkpoints:q} --ranks {params.ranks:q} --out {params.run:q} > {log:q} 2>&1"

@@ -103,7 +103,11 @@ def train(
     record: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> pl.DataFrame:
-    """Train adapters on ``lvlm`` and write ``out_dir/adapter``; returns the per-micro-batch log."""
+    """Train adapters on ``lvlm`` and write ``out_dir/adapter``; returns the per-micro-batch log (this rank's).
+
+    Under a launcher (``WORLD_SIZE`` > 1: torchrun, DeepSpeed, SLURM via the CLI's ``--ranks``) every
+    rank runs this with the DeepSpeed engine; rank 0 writes the adapter.
+    """
     torch.manual_seed(settings.seed)
     model = lvlm.model
     config = adapter_config_for(settings, lvlm.source, heads, record)
@@ -116,14 +120,18 @@ def train(
     dynamic_k = n_selected(settings.heads_top_k, n_heads_total) if settings.heads == "dynamic" else None
     capture_heads = heads if settings.heads == "static" else "all"
 
-    grad_accum = settings.grad_accum()
+    # Ranks (a launcher's WORLD_SIZE/RANK): rank r takes every world-th micro-batch of the stream
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    grad_accum = settings.grad_accum(world)
     total_steps = settings.total_steps(data.samples.height)
     cuda = torch.cuda.is_available()
+    backend = _pick(settings.backend, "deepspeed" if cuda or world > 1 else "torch")
+    if world > 1 and backend != "deepspeed":
+        raise ValueError(f"tune: {world} ranks need backend deepspeed (data parallel), got {backend!r}")
     engine = Engine(
         model, lr=settings.lr, weight_decay=settings.weight_decay, warmup=settings.warmup, total_steps=total_steps,
-        grad_accum=grad_accum, precision=_pick(settings.precision, "bf16" if cuda else "fp32"),
-        backend=_pick(settings.backend, "deepspeed" if cuda else "torch"), zero_stage=settings.zero_stage,
-        micro_batch=settings.micro_batch, seed=settings.seed,
+        grad_accum=grad_accum, precision=_pick(settings.precision, "bf16" if cuda else "fp32"), backend=backend,
+        zero_stage=settings.zero_stage, micro_batch=settings.micro_batch, seed=settings.seed,
     )  # fmt: skip
     checkpoint_dir = Path(checkpoint_dir)
     cursor, rows = 0, []
@@ -135,10 +143,10 @@ def train(
     device = next(p for p in model.parameters()).device
     total_micro = total_steps * grad_accum
     samples = data.samples
-    bar = tqdm(total=total_steps, initial=engine.step_count, desc="tune", unit="step", disable=not progress,
+    bar = tqdm(total=total_steps, initial=engine.step_count, desc="tune", unit="step", disable=not progress or rank > 0,
                mininterval=1.0)  # fmt: skip
     for micro in range(cursor, total_micro):
-        part = samples[sample_stream(samples.height, settings.seed, settings.micro_batch, micro)]
+        part = samples[sample_stream(samples.height, settings.seed, settings.micro_batch, micro * world + rank)]
         batch = encode_batch(lvlm, [data.image(p) for p in part["path"]], part["question"].to_list(),
                              part["answer"].to_list())  # fmt: skip
         maps, real = label_maps(data.grids, part["label_row"].to_list(), lvlm.n_image_tokens)
@@ -167,7 +175,7 @@ def train(
         engine.backward(total)
         stepped = engine.step()
         values = {name: float(value.detach()) for name, value in parts.items()}
-        rows.append({"micro_step": micro, "step": engine.step_count, "loss": float(total.detach()), "ce": values["ce"],
+        rows.append({"micro_step": micro, "step": micro // grad_accum + 1, "loss": float(total.detach()), "ce": values["ce"],
                      "align": values.get("align", float("nan")), "balance": values.get("balance", float("nan")),
                      "routing_entropy": entropy, "lr": engine.lr, "labelled": int(real.any(dim=1).sum())})  # fmt: skip
         if stepped:
@@ -177,8 +185,9 @@ def train(
                 engine.save_checkpoint(checkpoint_dir / f"step-{engine.step_count:08d}", {"cursor": micro + 1, "log": rows})
                 prune_checkpoints(checkpoint_dir, settings.keep_checkpoints)
     bar.close()
-    gathered = engine.trainable_state_dict() if engine.backend == "deepspeed" else None
-    save_adapter(model, config, Path(out_dir) / "adapter", state=gathered)
+    gathered = engine.trainable_state_dict() if engine.backend == "deepspeed" else None  # collective: every rank
+    if rank == 0:
+        save_adapter(model, config, Path(out_dir) / "adapter", state=gathered)
     return pl.DataFrame(rows, schema=LOG_SCHEMA)
 
 

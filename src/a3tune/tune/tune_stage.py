@@ -73,7 +73,8 @@ def run_tune(
              samples["label_row"].is_not_null().sum(), settings.total_steps(samples.height))  # fmt: skip
     table = train(lvlm, settings, data, out_dir, checkpoints, heads=heads, progress=progress,
                   record={"provenance": json.loads(provenance.to_json())})  # fmt: skip
-    write_parquet(table, Path(out_dir) / "train_log.parquet", provenance)
+    if int(os.environ.get("RANK", "0")) == 0:
+        write_parquet(table, Path(out_dir) / "train_log.parquet", provenance)
     return table
 
 
