@@ -18,6 +18,7 @@ include: "workflow/rules/weak_labels.smk"
 include: "workflow/rules/refine.smk"
 include: "workflow/rules/probe.smk"
 include: "workflow/rules/tune.smk"
+include: "workflow/rules/score.smk"
 
 
 rule all:

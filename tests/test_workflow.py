@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import json
 
+import polars as pl
 import pytest
 from conftest import REPO, run_snakemake
 
@@ -87,6 +89,14 @@ def test_tiny_dag_runs_and_artifacts_carry_provenance(tmp_path, tiny_config):
             train_log = read_parquet(run / "train_log.parquet")
             assert read_provenance(run / "train_log.parquet").stage == "tune" and train_log["loss"].is_finite().all()
             assert {"adapter_model.safetensors", "adapter_config.json"} <= {p.name for p in (run / "adapter").iterdir()}
+        for run in ("base", "lora-seed0", "a3tune-seed0", "lora-seed0+pai", "lora-seed0+vcd"):
+            results = tmp_path / "results" / run / ds
+            assert read_provenance(results / "predictions.parquet").stage == "score_gather"
+            assert read_parquet(results / "predictions.parquet").height == samples.filter(pl.col("split") == "test").height
+            assert "grounding" in json.loads((results / "metrics.json").read_text())["metrics"]
+    summary = (tmp_path / "results" / "summary.md").read_text()
+    assert all(f"| {method} |" in summary for method in ("base", "lora", "a3tune", "lora+pai", "lora+vcd"))
+    assert {p.name for p in (tmp_path / "results" / "figures").glob("*.png")} == {"metrics-phantom.png", "attention-phantom.png"}
     # Every rule wrote its log and benchmark.
     assert list((tmp_path / "logs").rglob("*.log")) and list((tmp_path / "benchmarks").rglob("*.tsv"))
     # A second run has nothing to do.

@@ -141,6 +141,44 @@ def _cmd_merge_adapter(args: argparse.Namespace) -> None:
     log.info("merge_adapter: %s + %s -> %s", args.model, args.adapter, args.out)
 
 
+def _cmd_score(args: argparse.Namespace) -> None:
+    from a3tune.score.score_stage import score_shard
+
+    score_shard(
+        args.model, args.samples, args.images, args.labels, args.root, args.out, adapter=args.adapter or None,
+        heads_path=args.heads, baseline=args.baseline or None, decode=args.decoding, split=args.split,
+        shard=args.shard, shards=args.shards, batch_size=args.batch_size, limit=args.limit,
+        progress=not args.no_progress,
+    )  # fmt: skip
+
+
+def _cmd_score_gather(args: argparse.Namespace) -> None:
+    from a3tune.score.score_stage import gather
+
+    gather(args.tables, args.out)
+
+
+def _cmd_report(args: argparse.Namespace) -> None:
+    from a3tune.score.report_stage import write_report
+
+    write_report(args.metrics, args.table, args.markdown, args.figures, overlays=args.overlays)
+    log.info("report: %s", args.markdown)
+
+
+def _optional_int(text: str) -> int | None:
+    return None if text.strip().lower() in ("", "none", "null") else int(text)
+
+
+def _json_list(text: str) -> list:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
+    if not isinstance(value, list):
+        raise argparse.ArgumentTypeError("expected a JSON list")
+    return value
+
+
 def rank_launch_command(ranks: int, argv: list[str]) -> list[str]:
     """``a3tune <argv>`` as ``ranks`` processes on this node under torchrun (this interpreter)."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
@@ -295,6 +333,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", required=True, type=Path, help="adapter folder (runs/<method>/<ds>/seed-<n>/adapter)")
     p.add_argument("--out", required=True, type=Path, help="output model folder")
     p.set_defaults(func=_cmd_merge_adapter)
+
+    p = sub.add_parser("score", help="answers, metrics and attention grounding of one model on a test shard")
+    p.add_argument("--model", required=True, type=_json_object, help='the base Med-LVLM (JSON): {"path": "/local/dir"}')
+    p.add_argument("--adapter", default="", help="adapter folder of a tuned run (empty: the base model)")
+    p.add_argument("--baseline", default="", help="inference-time baseline: pai or vcd (empty: none)")
+    p.add_argument("--samples", required=True, type=Path, help="samples.parquet")
+    p.add_argument("--images", required=True, type=Path, help="images.parquet")
+    p.add_argument("--labels", required=True, type=Path, help="labels folder (labels.parquet + labels.zarr)")
+    p.add_argument("--root", required=True, type=Path, help="data root")
+    p.add_argument("--heads", type=Path, default=None, help="heads.parquet: grounding over the selected heads")
+    p.add_argument("--decoding", type=_json_object, default={}, help="num_beams, max_new_tokens, stop (JSON)")
+    p.add_argument("--split", default="test", help="split to score")
+    p.add_argument("--batch-size", type=int, default=8, help="samples per batch")
+    p.add_argument("--limit", type=_optional_int, default=None, help="at most this many samples per shard")
+    p.add_argument("--shard", type=int, default=0, help="this shard, 0-based")
+    p.add_argument("--shards", type=int, default=1, help="number of shards")
+    p.add_argument("--out", required=True, type=Path, help="output shard table (Parquet)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_score)
+
+    p = sub.add_parser("score_gather", help="join score shards: predictions, attention, metrics.json")
+    p.add_argument("--out", required=True, type=Path, help="output folder (results/<run>/<ds>)")
+    p.add_argument("tables", nargs="+", type=Path, help="shard tables")
+    p.set_defaults(func=_cmd_score_gather)
+
+    p = sub.add_parser("report", help="summary table (Parquet, Markdown) and figures over every scored run")
+    p.add_argument("metrics", nargs="+", type=Path, help="results/<run>/<ds>/metrics.json files")
+    p.add_argument("--table", required=True, type=Path, help="output summary.parquet")
+    p.add_argument("--markdown", required=True, type=Path, help="output summary.md")
+    p.add_argument("--figures", type=Path, default=None, help="output folder of figures")
+    p.add_argument("--overlays", type=_json_list, default=[], help="attention overlay settings per data set (JSON)")
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("inspect", help="print an artifact's schema, counts, statuses and provenance")
     p.add_argument("target", nargs="+", help="PATH (any artifact) or: labels DIR (weak-label audit)")

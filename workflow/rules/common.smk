@@ -19,6 +19,7 @@ MODEL = config.get("model", {})
 MODEL_NAME = MODEL.get("name", "demo")
 PROBE = config.get("probe", {})
 TUNE = config.get("tune", {})
+SCORE = config.get("score", {})
 PRESET_OF_FORMAT = {"phantom": "phantom", "slake": "slake", "vqarad": "vqarad", "pathvqa": "pathvqa"}
 ENV = "../../envs/a3tune.yaml"
 
@@ -28,18 +29,23 @@ wildcard_constraints:
     shard=r"\d+",
     seed=r"\d+",
     method="|".join(method_presets()),
+    run=r"base|[A-Za-z0-9_]+-seed\d+(\+[a-z]+)?",
 
 
 def dataset(wildcards):
     return DATASETS[wildcards.ds]
 
 
-def dataset_root(wildcards):
+def root_of(ds):
     """The data root: the configured path, or the generator's output for the phantom set."""
-    entry = dataset(wildcards)
+    entry = DATASETS[ds]
     if entry["format"] == "phantom":
-        return f"data/{wildcards.ds}/raw"
+        return f"data/{ds}/raw"
     return entry["root"]
+
+
+def dataset_root(wildcards):
+    return root_of(wildcards.ds)
 
 
 def dataset_options(wildcards):
@@ -74,6 +80,45 @@ def tune_preset(wildcards):
     return PRESET_OF_FORMAT[entry["format"]]
 
 
+def score_runs():
+    """The scored runs: the base model, every tuned run, and the baselines on the plain-LoRA runs."""
+    seeds = TUNE.get("seeds", [0])
+    runs = ["base"] + [f"{method}-seed{seed}" for method in TUNE.get("methods", []) for seed in seeds]
+    if "lora" in TUNE.get("methods", []):
+        runs += [f"lora-seed{seed}+{baseline}" for baseline in SCORE.get("baselines", []) for seed in seeds]
+    return runs
+
+
+def run_adapter(wildcards):
+    """The adapter folder a run is scored with (none for the base model)."""
+    if wildcards.run == "base":
+        return []
+    method, rest = wildcards.run.split("-seed", 1)
+    return f"runs/{method}/{wildcards.ds}/seed-{rest.split('+')[0]}/adapter"
+
+
+def run_baseline(wildcards):
+    return wildcards.run.split("+", 1)[1] if "+" in wildcards.run else ""
+
+
+def overlay_settings():
+    """For each data set: the runs whose attention the report overlays (base + first seed of each method)."""
+    seed = TUNE.get("seeds", [0])[0]
+    runs = ["base"] + [f"{method}-seed{seed}" for method in TUNE.get("methods", [])]
+    return [
+        {
+            "dataset": ds,
+            "runs": [[run, f"results/{run}/{ds}/attention.parquet"] for run in runs],
+            "samples": f"data/{ds}/samples.parquet",
+            "images": f"data/{ds}/images.parquet",
+            "root": root_of(ds),
+            "grid": LABELS["grid"],
+            "n": SCORE.get("overlays", 6),
+        }
+        for ds in DATASETS
+    ]
+
+
 def all_targets():
     targets = []
     for ds in DATASETS:
@@ -82,4 +127,6 @@ def all_targets():
         targets += [f"probe/{MODEL_NAME}/{ds}/heads.parquet", f"results/probe/{MODEL_NAME}/{ds}/heads.png"]
         for method in TUNE.get("methods", []):
             targets += [f"runs/{method}/{ds}/seed-{seed}/train_log.parquet" for seed in TUNE.get("seeds", [0])]
+        targets += [f"results/{run}/{ds}/metrics.json" for run in score_runs()]
+    targets += ["results/summary.md", "results/figures"]
     return targets

@@ -1,0 +1,1 @@
+"""Scoring: answers from a scored model, their metrics, attention grounding and the inference-time baselines."""

@@ -1,0 +1,127 @@
+"""Stage ``report``: one table and a few figures comparing every scored run, per data set.
+
+Reads each run's ``metrics.json`` (``results/<run>/<ds>/``); a run id is ``base``, or
+``<method>-seed<n>`` for a tuned run, or ``<method>-seed<n>+<baseline>`` for a tuned run decoded
+with an inference-time baseline. Rows of ``summary.parquet``: data set, method (the run id without
+its seed), seed, and the metrics. ``summary.md`` shows, per data set and method, the mean ± std
+over seeds of: closed accuracy, open recall, report BLEU-4 / ROUGE-L / CIDEr (report tasks),
+the share of image attention inside the weak label and inside the ground truth, and the pointing
+game. Figures: the metrics as grouped bars, and attention overlays of the same test samples for
+the base model and each tuned method (first seed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from a3tune.io.atomic import atomic_file
+from a3tune.io.parquet import write_parquet
+from a3tune.io.provenance import Provenance, hash_path
+
+RUN_ID = re.compile(r"^(?P<method>[A-Za-z0-9_]+)(?:-seed(?P<seed>\d+))?(?P<baseline>\+[a-z]+)?$")
+# Summary columns: (metrics.json path, column name, caption)
+METRICS = (
+    (("vqa", "closed", "accuracy"), "closed_acc", "closed accuracy"),
+    (("vqa", "open", "recall"), "open_recall", "open recall"),
+    (("report", "bleu_4"), "bleu_4", "BLEU-4"),
+    (("report", "rouge_l"), "rouge_l", "ROUGE-L"),
+    (("report", "cider"), "cider", "CIDEr"),
+    (("grounding", "image_share"), "image_share", "attention on image"),
+    (("grounding", "inside_label"), "inside_label", "in weak label"),
+    (("grounding", "inside_gt"), "inside_gt", "in ground truth"),
+    (("grounding", "pointing_hit"), "pointing", "pointing game"),
+)
+
+
+def parse_run(run: str) -> tuple[str, int | None]:
+    """(method, seed) of a run id: ``base`` -> (base, None); ``a3tune-seed1+pai`` -> (a3tune+pai, 1)."""
+    match = RUN_ID.match(run)
+    if match is None:
+        raise ValueError(f"not a run id: {run!r} (base, <method>-seed<n> or <method>-seed<n>+<baseline>)")
+    seed = match["seed"]
+    return match["method"] + (match["baseline"] or ""), int(seed) if seed is not None else None
+
+
+def summary_table(metrics_files: list[str | os.PathLike]) -> pl.DataFrame:
+    """One row per (data set, run): the metrics of ``results/<run>/<ds>/metrics.json`` files."""
+    rows = []
+    for path in metrics_files:
+        path = Path(path)
+        run, dataset = path.parent.parent.name, path.parent.name
+        method, seed = parse_run(run)
+        metrics = json.loads(path.read_text())["metrics"]
+        row: dict[str, Any] = {"dataset": dataset, "method": method, "seed": seed, "run": run, "n": metrics["n"]}
+        for keys, column, _ in METRICS:
+            row[column] = _lookup(metrics, keys)
+        rows.append(row)
+    schema = {"dataset": pl.String, "method": pl.String, "seed": pl.Int64, "run": pl.String, "n": pl.Int64}
+    schema |= {column: pl.Float64 for _, column, _ in METRICS}
+    return pl.DataFrame(rows, schema=schema).sort("dataset", "method", "seed", nulls_last=True)
+
+
+def summary_markdown(table: pl.DataFrame) -> str:
+    """Per data set, a Markdown table of mean ± std over seeds (n seeds) for every method."""
+    lines = ["# a3tune results", ""]
+    for (dataset,), part in table.group_by("dataset", maintain_order=True):
+        columns = [(c, caption) for _, c, caption in METRICS if part[c].is_not_null().any()]
+        lines += [f"## {dataset}", "", "| method | seeds | " + " | ".join(cap for _, cap in columns) + " |",
+                  "|---|---|" + "---|" * len(columns)]  # fmt: skip
+        for (method,), runs in part.group_by("method", maintain_order=True):
+            cells = [_mean_std(runs[c]) for c, _ in columns]
+            lines.append(f"| {method} | {runs['seed'].drop_nulls().len() or '-'} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines.append("Shares and rates in [0, 1]; CIDEr as the COCO definition (x10). Attention metrics: mean over "
+                 "the test samples and post-image query rows; pointing game: the attention peak inside the ground "
+                 "truth.")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def write_report(
+    metrics_files: list[str | os.PathLike],
+    out_table: str | os.PathLike,
+    out_markdown: str | os.PathLike,
+    figures_dir: str | os.PathLike | None = None,
+    *,
+    overlays: list[dict[str, Any]] = (),
+) -> pl.DataFrame:
+    """summary.parquet, summary.md and (with ``figures_dir``) the metric bars and attention overlays."""
+    table = summary_table(metrics_files)
+    provenance = Provenance("report", {"runs": sorted(table["run"].unique().to_list())},
+                            {str(p): hash_path(p) for p in metrics_files})  # fmt: skip
+    write_parquet(table, out_table, provenance)
+    with atomic_file(out_markdown) as tmp:
+        tmp.write_text(summary_markdown(table))
+    if figures_dir is not None:
+        from a3tune.score.figures import write_attention_overlays, write_metric_bars
+
+        figures_dir = Path(figures_dir)
+        figures_dir.mkdir(parents=True, exist_ok=True)
+        write_metric_bars(table, figures_dir)
+        for settings in overlays:
+            write_attention_overlays(figures_dir=figures_dir, **settings)
+    return table
+
+
+def _lookup(metrics: dict, keys: tuple[str, ...]) -> float | None:
+    value: Any = metrics
+    for key in keys:
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return None if value is None else float(value)
+
+
+def _mean_std(column: pl.Series) -> str:
+    values = column.drop_nulls().to_numpy()
+    if not len(values):
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{values.mean():.3f} ± {np.std(values, ddof=1):.3f}"

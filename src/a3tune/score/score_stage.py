@@ -1,0 +1,191 @@
+"""Stage ``score``: answers, metrics and attention grounding of one model on a data set's test split.
+
+A scored model is the base Med-LVLM, optionally with a trained adapter, optionally decoded with an
+inference-time baseline (PAI, VCD). ``score_shard`` takes the test samples of one shard (by a hash
+of the sample id, so shards are stable), generates each answer (greedy or beam search) and
+measures where the model looks while reading the question and the reference answer (teacher
+forced, so every model is measured on the same tokens): image share, share inside the weak label
+and inside the ground-truth mask, and the pointing game. ``gather`` joins the shards into
+``predictions.parquet`` (sample_id, prompt, prediction, answer, answer_type, decoding settings),
+``attention.parquet`` (the grounding columns and each sample's attention map on the token grid)
+and ``metrics.json`` (VQA accuracy per answer type and organ, report metrics, grounding means).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+from tqdm import tqdm
+
+from a3tune.data.images import load_rgb, resolve_under
+from a3tune.io.atomic import atomic_file
+from a3tune.io.parquet import read_parquet, write_parquet
+from a3tune.io.provenance import Provenance, hash_path, read_provenance
+from a3tune.io.zarr_store import open_store
+from a3tune.labels.audit import read_gt_mask
+from a3tune.labels.grid import GridSpec, project_masks
+from a3tune.labels.model_inputs import label_maps, labelled_samples
+from a3tune.labels.sam_stage import shard_of
+
+log = logging.getLogger(__name__)
+
+BASELINES = ("pai", "vcd")
+GT_SIZE = 256  # ground-truth masks are squashed to this square before projection, like SAM's masks
+
+
+def score_shard(
+    model: dict[str, Any],
+    samples_path: str | os.PathLike,
+    images_path: str | os.PathLike,
+    labels_dir: str | os.PathLike,
+    root: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    adapter: str | os.PathLike | None = None,
+    heads_path: str | os.PathLike | None = None,
+    baseline: str | None = None,
+    decode: dict[str, Any] | None = None,
+    split: str = "test",
+    shard: int = 0,
+    shards: int = 1,
+    batch_size: int = 8,
+    limit: int | None = None,
+    progress: bool = True,
+) -> pl.DataFrame:
+    """Score the ``split`` samples of one shard; writes one Parquet table with everything ``gather`` needs."""
+    from a3tune.models.layout import encode_batch
+    from a3tune.score.generation import DecodeSettings, generate_answers, load_scored_model
+    from a3tune.score.grounding import grounding_scores
+
+    if baseline is not None and baseline not in BASELINES:
+        raise ValueError(f"score: unknown baseline {baseline!r}; known: {BASELINES}")
+    settings = DecodeSettings(**(decode or {}))
+    if baseline is not None:
+        # The contrast passes need one row per sample: baselines decode greedily (PAI as the reference;
+        # the reference samples with VCD, greedy keeps the scores deterministic)
+        settings = dataclasses.replace(settings, num_beams=1, do_sample=False)
+    labels_dir, root = Path(labels_dir), Path(root)
+    lvlm = load_scored_model(model, str(adapter) if adapter else None)
+    heads = _selected_heads(heads_path)
+    samples = labelled_samples(samples_path, images_path, labels_dir / "labels.parquet", split)
+    samples = samples.filter(pl.col("sample_id").map_elements(lambda s: _shard(s, shards) == shard, return_dtype=pl.Boolean))
+    if limit is not None:
+        samples = samples.head(limit)
+    grids = open_store(labels_dir / "labels.zarr")["grid"]
+    spec = GridSpec(grid=lvlm.grid, input_size=lvlm.input_size, preprocess=lvlm.preprocess, mode="area")
+    images = read_parquet(images_path, contract="images").select("image_id", "height", "width")
+    samples = samples.join(images, on="image_id", how="left")
+
+    parts = []
+    bar = tqdm(total=samples.height, desc=f"score shard {shard}", unit="sample", disable=not progress, mininterval=1.0)
+    for start in range(0, samples.height, batch_size):
+        part = samples.slice(start, batch_size)
+        pixels = [load_rgb(resolve_under(root, p)) for p in part["path"]]
+        questions, answers = part["question"].to_list(), part["answer"].to_list()
+        predictions = generate_answers(lvlm, pixels, questions, settings, logits_processors=_baseline(baseline, lvlm))
+        maps = {"label": label_maps(grids, part["label_row"].to_list(), lvlm.n_image_tokens)[0],
+                "gt": _gt_maps(part, root, spec)}  # fmt: skip
+        batch = encode_batch(lvlm, pixels, questions, answers)
+        grounding = grounding_scores(lvlm, batch, maps, heads)
+        parts.append(part.select("sample_id", "question", "answer", "answer_type", "task", "organ")
+                     .with_columns(pl.Series("prediction", predictions, pl.String))
+                     .hstack(grounding.drop("sample_id", strict=False)))  # fmt: skip
+        bar.update(part.height)
+    bar.close()
+    table = pl.concat(parts) if parts else pl.DataFrame()
+    decoding = {**vars(settings), "baseline": baseline}
+    provenance = Provenance.for_inputs(
+        "score", {"model": model, "adapter": str(adapter) if adapter else None, "decoding": decoding, "split": split,
+                  "shard": shard, "shards": shards, "heads": str(heads_path) if heads_path else None},
+        {"samples.parquet": samples_path, "images.parquet": images_path, "labels.parquet": labels_dir / "labels.parquet",
+         **({"adapter": adapter} if adapter else {})},
+    )  # fmt: skip
+    write_parquet(table, out, provenance)
+    return table
+
+
+def gather(shard_tables: list[str | os.PathLike], out_dir: str | os.PathLike) -> dict[str, Any]:
+    """Join the shard tables; write predictions.parquet, attention.parquet and metrics.json into ``out_dir``."""
+    from a3tune.score.report_metrics import score_reports
+    from a3tune.score.vqa_metrics import score_vqa, summarize_vqa
+
+    tables = [read_parquet(path) for path in shard_tables]
+    first = read_provenance(shard_tables[0])
+    if first is None or first.stage != "score":
+        raise ValueError(f"{shard_tables[0]} is not a score shard table")
+    table = pl.concat([t for t in tables if t.height], how="vertical_relaxed").sort("sample_id")
+    decoding = first.params["decoding"]
+    out_dir = Path(out_dir)
+    provenance = Provenance("score_gather", {k: v for k, v in first.params.items() if k not in ("shard",)},
+                            {Path(p).name: hash_path(p) for p in shard_tables})  # fmt: skip
+    predictions = table.select("sample_id", pl.col("question").alias("prompt"), "prediction", "answer", "answer_type",
+                               "task", "organ").with_columns(
+        pl.lit(json.dumps(decoding, sort_keys=True)).alias("decoding"))  # fmt: skip
+    write_parquet(predictions, out_dir / "predictions.parquet", provenance)
+    grounding_columns = [c for c in table.columns if c in GROUNDING_COLUMNS]
+    attention = table.select("sample_id", "answer_type", "organ", *grounding_columns)
+    write_parquet(attention, out_dir / "attention.parquet", provenance)
+
+    metrics: dict[str, Any] = {"n": table.height, "decoding": decoding}
+    vqa = table.filter(pl.col("task") == "vqa")
+    if vqa.height:
+        metrics["vqa"] = summarize_vqa(score_vqa(vqa.select("sample_id", "prediction", "answer", "answer_type", "organ")))
+    reports = table.filter(pl.col("task") == "report")
+    if reports.height:
+        metrics["report"] = score_reports(reports["prediction"].to_list(), reports["answer"].to_list())
+    metrics["grounding"] = {c: _mean(table[c]) for c in grounding_columns if c != "attention_map"}
+    with atomic_file(out_dir / "metrics.json") as tmp:
+        tmp.write_text(json.dumps({"metrics": metrics, "provenance": json.loads(provenance.to_json())}, indent=2,
+                                  sort_keys=True, default=float) + "\n")  # fmt: skip
+    return metrics
+
+
+GROUNDING_COLUMNS = ("image_share", "inside_label", "inside_gt", "pointing_hit", "attention_map")
+
+
+def _mean(column: pl.Series) -> float | None:
+    values = column.cast(pl.Float64).drop_nulls()
+    return float(values.mean()) if len(values) else None
+
+
+def _shard(sample_id: str, shards: int) -> int:
+    return shard_of(hashlib.sha256(sample_id.encode()).hexdigest(), shards)
+
+
+def _selected_heads(heads_path) -> dict[int, list[int]] | None:
+    if heads_path is None:
+        return None
+    from a3tune.tune.tune_stage import selected_heads
+
+    return selected_heads(heads_path)
+
+
+def _gt_maps(part: pl.DataFrame, root: Path, spec: GridSpec) -> torch.Tensor | None:
+    """Ground-truth masks projected on the model's grid (B, 1, G·G); None when no sample has one."""
+    if "gt_mask_ref" not in part.columns or part["gt_mask_ref"].is_null().all():
+        return None
+    out = np.zeros((part.height, 1, spec.grid * spec.grid), np.float32)
+    for i, row in enumerate(part.iter_rows(named=True)):
+        if row["gt_mask_ref"] is not None:
+            mask = read_gt_mask(resolve_under(root, row["gt_mask_ref"]), GT_SIZE)
+            out[i, 0] = project_masks(mask[None], (row["height"], row["width"]), spec).reshape(-1)
+    return torch.from_numpy(out)
+
+
+def _baseline(baseline: str | None, lvlm) -> list | None:
+    """The logits-processor factory of an inference-time baseline (one per generate call), or None."""
+    if baseline is None:
+        return None
+    from a3tune.score.baselines import pai_processor, vcd_processor
+
+    return [functools.partial({"pai": pai_processor, "vcd": vcd_processor}[baseline], lvlm)]
