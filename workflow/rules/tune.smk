@@ -21,8 +21,9 @@ rule tune:
         overrides=json.dumps(TUNE.get("overrides", {}), sort_keys=True),
         run=lambda wildcards: f"runs/{wildcards.method}/{wildcards.ds}/seed-{wildcards.seed}",
         checkpoints=lambda wildcards: f"{config['cache_dir']}/tune/{wildcards.method}/{wildcards.ds}/seed-{wildcards.seed}",
-        # One rank per GPU the job was given (profiles/slurm: set-resources tune gpu), at least one
-        ranks=lambda wildcards, resources: max(int(resources.get("gpu", 0) or 0), 1),
+        # One rank per GPU the job was given (profiles/slurm: set-resources tune gpu), or the `ranks`
+        # resource on nodes without GPUs (a CPU cluster, the SLURM tests); at least one
+        ranks=lambda wildcards, resources: max(int(resources.get("ranks", 0) or 0) or int(resources.get("gpu", 0) or 0), 1),
     log:
         "logs/tune/{method}/{ds}/seed-{seed}.log",
     benchmark:

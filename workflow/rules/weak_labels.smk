@@ -5,13 +5,15 @@ rule sam_masks:
     input:
         images="data/{ds}/images.parquet",
         root=dataset_root,
+        # An input, so a missing checkpoint stops the DAG before any job runs
+        checkpoint=SAM.get("checkpoint") or [],
     output:
         store=directory("labels/{ds}/proposals/shard-{shard}.zarr"),
         table="labels/{ds}/proposals/shard-{shard}.parquet",
     params:
         shards=SHARDS,
         backend=SAM["backend"],
-        checkpoint=SAM.get("checkpoint") or "",
+        checkpoint=lambda wildcards, input: input.checkpoint or "",
         generator=json.dumps(SAM.get("params", {}), sort_keys=True),
         device=SAM.get("device", "cpu"),
         cache=config["cache_dir"],

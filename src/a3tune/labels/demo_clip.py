@@ -52,6 +52,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from a3tune.data.images import STATUS_OK, load_rgb, probe_image, resolve_under
 from a3tune.io.atomic import atomic_dir
 from a3tune.io.provenance import Provenance, hash_file
 from a3tune.labels.clip_scorer import (
@@ -123,7 +124,11 @@ def load_phantom_structures(
     for record in data["images"]:
         if record["split"] != split:
             continue
-        image = prepare_image(np.asarray(Image.open(root / record["path"]).convert("RGB")), working_size)
+        usable = probe_image(root, record["path"])  # a damaged image is skipped, as every stage skips it
+        if usable.status != STATUS_OK:
+            log.warning("demo CLIP: skipping image %s: %s (%s)", record["path"], usable.status, usable.error)
+            continue
+        image = prepare_image(load_rgb(resolve_under(root, record["path"])), working_size)
         structures = record["structures"]
         names = list(structures)
         masks = np.stack([_resize_mask(Image.open(root / structures[n]["mask"]), working_size) for n in names])

@@ -345,8 +345,13 @@ def _free_port() -> int:
 def _deepspeed_engine(model: nn.Module, params: list[nn.Parameter], config: dict[str, Any], schedule: Any) -> Any:
     """``deepspeed.initialize`` on this process's rank (one rank on CPU/gloo when no launcher set one up)."""
     import deepspeed
+    import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
 
+    if get_accelerator().device_name() == "cpu":
+        # Plain gloo collectives on CPU: DeepSpeed's shared-memory op would be compiled with g++ on
+        # first use (~80 s), and a rank killed during that build leaves a lock every later run waits on
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not torch.distributed.is_initialized():
         for key, value in {"MASTER_ADDR": "127.0.0.1", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
             os.environ.setdefault(key, value)
