@@ -97,15 +97,18 @@ def candidate_regions(
     regions, _ = mser.detectRegions(np.ascontiguousarray(grey))
     size = grey.shape
     masks = np.zeros((len(regions), *size), dtype=bool)
+    boxes = np.zeros((len(regions), 4), dtype=np.float32)
     for i, points in enumerate(regions):
         # Fill holes inside the region's box only: outside it is background connected to the
-        # image's edge, so the result is the whole-image fill at a fraction of its cost
+        # image's edge, so the result is the whole-image fill at a fraction of its cost (and the
+        # filled region has the same tight box)
         xs, ys = points[:, 0], points[:, 1]
         x0, y0 = xs.min(), ys.min()
         crop = np.zeros((ys.max() - y0 + 1, xs.max() - x0 + 1), dtype=bool)
         crop[ys - y0, xs - x0] = True
         masks[i, y0 : y0 + crop.shape[0], x0 : x0 + crop.shape[1]] = fill_holes(crop)
-    return Candidates(masks, tight_boxes(masks))
+        boxes[i] = (x0, y0, x0 + crop.shape[1], y0 + crop.shape[0])
+    return Candidates(masks, boxes)
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
@@ -169,14 +172,17 @@ def mask_iou_matrix(masks: np.ndarray) -> np.ndarray:
     return inter / np.maximum(area[:, None] + area[None, :] - inter, 1.0)
 
 
-def boundary_contrast(grey: np.ndarray, masks: np.ndarray, width: int, gap: int) -> np.ndarray:
+def boundary_contrast(
+    grey: np.ndarray, masks: np.ndarray, width: int, gap: int, boxes: np.ndarray | None = None
+) -> np.ndarray:
     """Contrast across each mask's boundary, in units of the noise next to it.
 
     ``|mean(inner) - mean(outer)| / sqrt((var(inner) + var(outer)) / 2 + 1)``, where inner and
     outer are rings ``width`` px wide, ``gap`` px inside and outside the mask's boundary (the gap
     skips the blurred edge itself, so a boundary one or two pixels off still measures the step).
     A real structure has a step at its boundary; a box-shaped blob cut out of flat tissue has
-    none (~0). An empty mask, or one without enough ring pixels, gives 0.
+    none (~0). An empty mask, or one without enough ring pixels, gives 0. ``boxes``: the masks'
+    tight boxes when the caller has them (saves a scan of every mask).
     """
     grey = grey.astype(np.float32)
     reach = gap + width
@@ -186,7 +192,7 @@ def boundary_contrast(grey: np.ndarray, masks: np.ndarray, width: int, gap: int)
 
     out = np.zeros(len(masks), dtype=np.float32)
     size = grey.shape
-    boxes = tight_boxes(masks).astype(np.int64)
+    boxes = (tight_boxes(masks) if boxes is None else boxes).astype(np.int64)
     for i, (mask, (bx0, by0, bx1, by1)) in enumerate(zip(masks, boxes)):
         if not mask[by0:by1, bx0:bx1].any():
             continue
@@ -311,7 +317,7 @@ def prompt_candidates(grey: np.ndarray, bp: BoxProposalParams) -> tuple[Candidat
     found = candidate_regions(grey, delta=bp.mser_delta, max_variation=bp.mser_max_variation,
                               min_area=bp.min_region_area, max_area=int(bp.max_region_fraction * size))  # fmt: skip
     # One prompt per distinct box: box NMS, strongest boundary first, at most max_candidates
-    contrast = boundary_contrast(grey, found.masks, bp.ring_width, bp.ring_gap)
+    contrast = boundary_contrast(grey, found.masks, bp.ring_width, bp.ring_gap, found.boxes)
     keep = greedy_nms(box_iou(found.boxes, found.boxes), contrast, bp.candidate_nms)[: bp.max_candidates]
     return found.filter(keep), contrast[keep]
 
