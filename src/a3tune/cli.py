@@ -14,20 +14,30 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import a3tune
 
 log = logging.getLogger("a3tune")
 
 
-def _json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("expected a JSON object")
-    return value
+def _json_of(kind: type, name: str) -> Callable[[str], Any]:
+    """An argparse type: JSON text that must decode to ``kind`` (a dict: "object", a list: "list")."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
+        if not isinstance(value, kind):
+            raise argparse.ArgumentTypeError(f"expected a JSON {name}")
+        return value
+
+    return parse
+
+
+_json_object = _json_of(dict, "object")
+_json_list = _json_of(list, "list")
 
 
 def _optional_float(text: str) -> float | None:
@@ -167,16 +177,6 @@ def _cmd_report(args: argparse.Namespace) -> None:
 
 def _optional_int(text: str) -> int | None:
     return None if text.strip().lower() in ("", "none", "null") else int(text)
-
-
-def _json_list(text: str) -> list:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
-    if not isinstance(value, list):
-        raise argparse.ArgumentTypeError("expected a JSON list")
-    return value
 
 
 def rank_launch_command(ranks: int, argv: list[str]) -> list[str]:

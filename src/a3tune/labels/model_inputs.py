@@ -20,14 +20,15 @@ from a3tune.io.parquet import read_parquet
 def labelled_samples(
     samples_path: str | os.PathLike, images_path: str | os.PathLike, labels_table: str | os.PathLike, split: str
 ) -> pl.DataFrame:
-    """The samples of ``split`` whose image is usable, with the image ``path`` (relative to the data
-    root) and ``label_row`` (null unless the weak label's status is ok); sorted by sample_id."""
+    """The samples of ``split`` whose image is usable, with the image's ``path`` (relative to the data
+    root), ``height`` and ``width``, and ``label_row`` (null unless the weak label's status is ok);
+    sorted by sample_id."""
     samples = read_parquet(samples_path, contract="samples").filter(pl.col("split") == split)
     images = read_parquet(images_path, contract="images").filter(pl.col("status") == STATUS_OK)
     labels = read_parquet(labels_table, contract="labels")
     ok_row = pl.when(pl.col("label_status") == STATUS_OK).then(pl.col("label_row"))
     return (
-        samples.join(images.select("image_id", "path"), on="image_id")
+        samples.join(images.select("image_id", "path", "height", "width"), on="image_id")
         .join(labels.select("sample_id", "label_row", pl.col("status").alias("label_status")), on="sample_id", how="left")
         .with_columns(ok_row.alias("label_row"))
         .drop("label_status")

@@ -83,8 +83,6 @@ def score_shard(
         samples = samples.head(limit)
     grids = open_store(labels_dir / "labels.zarr")["grid"]
     spec = GridSpec(grid=lvlm.grid, input_size=lvlm.input_size, preprocess=lvlm.preprocess, mode="area")
-    images = read_parquet(images_path, contract="images").select("image_id", "height", "width")
-    samples = samples.join(images, on="image_id", how="left")
 
     parts = []
     bar = tqdm(total=samples.height, desc=f"score shard {shard}", unit="sample", disable=not progress, mininterval=1.0)
