@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import cv2
 import numpy as np
@@ -250,6 +251,25 @@ def test_time_model_splits_encoder_and_decoder(tiny, scene):
         predictor.predict(point_coords=np.array([[100, 100]]), point_labels=np.array([1]))
     assert (t.encoder_calls, t.decoder_calls) == (1, 1) and t.total_s >= t.model_s > 0
     assert not tiny.model.image_encoder._forward_hooks and not tiny.model.mask_decoder._forward_pre_hooks
+    # SAM's pre- and post-processing (the rest of Sam.forward) count too, and are unwrapped after the block
+    assert "preprocess" not in vars(tiny.model) and "postprocess_masks" not in vars(tiny.model)
+
+
+def test_time_model_counts_sams_pre_and_postprocessing(tiny, monkeypatch):
+    def slow(method):
+        def call(*args, **kwargs):
+            time.sleep(0.05)
+            return method(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(type(tiny.model), "preprocess", slow(type(tiny.model).preprocess))
+    monkeypatch.setattr(type(tiny.model), "postprocess_masks", slow(type(tiny.model).postprocess_masks))
+    low_res = torch.zeros(1, 1, 64, 64)
+    with time_model(tiny.model) as t:
+        tiny.model.preprocess(torch.zeros(1, 3, 256, 256))
+        tiny.model.postprocess_masks(low_res, (256, 256), (256, 256))
+    assert t.encoder_s >= 0.05 and t.decoder_s >= 0.05 and t.encoder_calls == t.decoder_calls == 0
 
 
 # ------------------------------------------------------------------------------------------------

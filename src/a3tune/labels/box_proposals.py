@@ -346,8 +346,10 @@ def generate_box_proposals(sam: LoadedSam, image: np.ndarray, params: ProposalPa
     keep = (predicted_iou > bp.min_predicted_iou) & (stability >= bp.min_stability)
     # Filter by agreement: the refined mask must be (mostly) the candidate region it was prompted with
     keep &= paired_mask_iou(refined, found.masks) >= bp.min_agreement
-    # Keep the candidate region where its boundary is much sharper than the refined mask's
-    refined_contrast = boundary_contrast(grey, refined, bp.ring_width, bp.ring_gap)
+    # Keep the candidate region where its boundary is much sharper than the refined mask's (the
+    # refined masks' rings are measured only where the filters above kept the prompt)
+    refined_contrast = np.zeros(len(refined), dtype=np.float32)
+    refined_contrast[keep] = boundary_contrast(grey, refined[keep], bp.ring_width, bp.ring_gap)
     use_region = contrast > bp.prefer_region_contrast * refined_contrast
     masks = np.where(use_region[:, None, None], found.masks, refined)
     # Filter by contrast across the kept mask's boundary (blobs cut out of flat tissue have none)

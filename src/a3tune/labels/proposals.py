@@ -436,6 +436,9 @@ def time_model(model: torch.nn.Module) -> Iterator[Timings]:
 
     Forward hooks on ``image_encoder`` count as encoder time, on ``prompt_encoder`` and
     ``mask_decoder`` as decoder time; on CUDA each hook synchronises so the times are real.
+    ``Sam.preprocess`` (normalise and pad the encoder input) and ``Sam.postprocess_masks``
+    (upscale the decoder's logits to the image) are the rest of ``Sam.forward``; they count as
+    encoder and decoder time, timed by wrapping them on the instance for the block.
     The ``Timings`` are complete when the block exits.
     """
     timings = Timings()
@@ -459,12 +462,25 @@ def time_model(model: torch.nn.Module) -> Iterator[Timings]:
 
         return hook
 
+    def timed(kind: str, method: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            began = now()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                setattr(timings, f"{kind}_s", getattr(timings, f"{kind}_s") + now() - began)
+
+        return call
+
     parts = {"encoder": [model.image_encoder], "decoder": [model.prompt_encoder, model.mask_decoder]}
     handles = []
     for kind, modules in parts.items():
         for module in modules:
             handles.append(module.register_forward_pre_hook(pre))
             handles.append(module.register_forward_hook(post(kind)))
+    methods = {"preprocess": "encoder", "postprocess_masks": "decoder"}
+    for name, kind in methods.items():
+        setattr(model, name, timed(kind, getattr(model, name)))
     started = now()
     try:
         yield timings
@@ -472,3 +488,5 @@ def time_model(model: torch.nn.Module) -> Iterator[Timings]:
         timings.total_s = now() - started
         for handle in handles:
             handle.remove()
+        for name in methods:
+            delattr(model, name)  # the instance attribute; the class's method shows again
