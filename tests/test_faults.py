@@ -548,7 +548,7 @@ def _copy_workdir(damaged: Path, tmp_path: Path) -> Path:
 
 @pytest.mark.slow
 def test_sigkill_during_sam_masks_then_rerun_gives_the_same_labels(damaged, tmp_path):
-    from a3tune.labels.sam_stage import shard_of
+    from a3tune.io.shards import shard_of
 
     wd = _copy_workdir(damaged, tmp_path)
     shutil.rmtree(wd / "labels" / DS)  # as in a first run: no proposals and no labels yet

@@ -73,24 +73,23 @@ def _run(cmd: list[str], cwd: Path, timeout: float, env: dict | None = None) -> 
 
 
 def cpu_cluster_resources(ncpus: int) -> list[str]:
-    """profiles/slurm's per-rule resources made to fit one CPU node: no GPU request, half the
-    node's cores (two jobs, e.g. the two SAM shards, run side by side), at most MEM_MB; partitions,
-    runtimes and the rest as the profile says. `tune` gets RANKS cores and `ranks`, as `gpu: N` gives
-    N ranks on a GPU node. On the command line --set-resources replaces the profile's whole mapping,
-    so all of it is passed."""
+    """profiles/slurm's per-rule resources and threads made to fit one CPU node: no GPU request,
+    at most half the node's cores (two jobs, e.g. the two SAM shards, run side by side), at most
+    MEM_MB; partitions, runtimes and the rest as the profile says. `tune` gets RANKS cores and
+    `ranks`, as `gpu: N` gives N ranks on a GPU node. On the command line --set-resources and
+    --set-threads replace the profile's whole mappings, so all of them are passed."""
     profile = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
-    rules = dict(profile["set-resources"])
-    out = []
-    for rule, res in rules.items():
+    resources, threads = [], []
+    for rule, res in profile["set-resources"].items():
         res = dict(res)
         res.pop("gpu", None)
-        res["cpus_per_task"] = min(int(res.get("cpus_per_task", 1)), max(ncpus // 2, 1))
         res["mem_mb"] = min(int(res.get("mem_mb", MEM_MB)), MEM_MB)
         if rule == "tune":
             res["ranks"] = RANKS
-            res["cpus_per_task"] = RANKS
-        out += [f"{rule}:{key}={value}" for key, value in res.items()]
-    return out
+        resources += [f"{rule}:{key}={value}" for key, value in res.items()]
+    for rule, n in profile["set-threads"].items():
+        threads.append(f"{rule}={RANKS if rule == 'tune' else min(int(n), max(ncpus // 2, 1))}")
+    return ["--set-resources", *resources, "--set-threads", *threads]
 
 
 @pytest.fixture(scope="session")
@@ -127,7 +126,6 @@ def snakemake_slurm(workdir: Path, env: dict, *args: str, timeout: float = RUN_T
         str(REPO / "profiles" / "slurm"),
         "--workflow-profile",
         str(OVERLAY),
-        "--set-resources",
         *cpu_cluster_resources(ncpus),
     ]
     return _run(cmd, workdir, timeout, env)
@@ -361,7 +359,7 @@ def test_changed_image_resubmits_only_its_dependents(shared_run):
     assert changed.height == 1 and changed["path"][0] == images["path"][0], changed
     # Shards go by content hash: the ones that held or now hold the image changed, any other is
     # exactly what it was.
-    from a3tune.labels.sam_stage import shard_of
+    from a3tune.io.shards import shard_of
 
     touched = {shard_of(changed["sha256"][0], 2), shard_of(changed["sha256_new"][0], 2)}
     after = {s: frame(wd / f"labels/{DS}/proposals/shard-{s}.parquet") for s in (0, 1)}

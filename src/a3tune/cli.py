@@ -78,7 +78,7 @@ def _cmd_sam_masks(args: argparse.Namespace) -> None:
 def _cmd_gather_proposals(args: argparse.Namespace) -> None:
     from a3tune.labels.sam_stage import gather
 
-    gather(args.tables, args.out)
+    gather(args.tables, args.out, meteor={"yes": True, "no": False, "auto": None}[args.meteor])
 
 
 def _cmd_demo_clip(args: argparse.Namespace) -> None:
@@ -355,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("score_gather", help="join score shards: predictions, attention, metrics.json")
     p.add_argument("--out", required=True, type=Path, help="output folder (results/<run>/<ds>)")
+    p.add_argument("--meteor", choices=["auto", "yes", "no"], default="auto",
+                   help="METEOR 1.5 on report samples (needs Java); auto: when Java is on PATH")
     p.add_argument("tables", nargs="+", type=Path, help="shard tables")
     p.set_defaults(func=_cmd_score_gather)
 

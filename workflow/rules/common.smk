@@ -20,6 +20,7 @@ MODEL_NAME = MODEL.get("name", "demo")
 PROBE = config.get("probe", {})
 TUNE = config.get("tune", {})
 SCORE = config.get("score", {})
+SCORE_SHARDS = SCORE.get("shards", SHARDS)
 PRESET_OF_FORMAT = {"phantom": "phantom", "slake": "slake", "vqarad": "vqarad", "pathvqa": "pathvqa"}
 ENV = "../../envs/a3tune.yaml"
 

@@ -19,7 +19,6 @@ rule demo_lvlm:
         "benchmarks/demo_lvlm/{ds}.tsv"
     conda:
         ENV
-    threads: 2
     resources:
         mem_mb=4000,
     shell:
@@ -60,7 +59,6 @@ rule probe_heads:
         "benchmarks/probe_heads/{ds}.tsv"
     conda:
         ENV
-    threads: 2
     resources:
         mem_mb=16000,
     shell:

@@ -15,7 +15,6 @@ rule demo_clip:
         "benchmarks/demo_clip/{ds}.tsv"
     conda:
         ENV
-    threads: 2
     resources:
         mem_mb=4000,
     shell:
@@ -46,7 +45,6 @@ rule refine:
         "benchmarks/refine/{ds}.tsv"
     conda:
         ENV
-    threads: 2
     resources:
         mem_mb=8000,
     shell:

@@ -23,14 +23,13 @@ rule score:
         split=SCORE.get("split", "test"),
         batch_size=SCORE.get("batch_size", 8),
         limit=SCORE.get("limit") or "",
-        shards=SHARDS,
+        shards=SCORE_SHARDS,
     log:
         "logs/score/{run}/{ds}/shard-{shard}.log",
     benchmark:
         "benchmarks/score/{run}/{ds}/shard-{shard}.tsv"
     conda:
         ENV
-    threads: 2
     resources:
         mem_mb=16000,
     shell:
@@ -43,13 +42,14 @@ rule score:
 
 rule score_gather:
     input:
-        expand("results/{{run}}/{{ds}}/shards/shard-{shard}.parquet", shard=range(SHARDS)),
+        expand("results/{{run}}/{{ds}}/shards/shard-{shard}.parquet", shard=range(SCORE_SHARDS)),
     output:
         predictions="results/{run}/{ds}/predictions.parquet",
         attention="results/{run}/{ds}/attention.parquet",
         metrics="results/{run}/{ds}/metrics.json",
     params:
         out=lambda wildcards: f"results/{wildcards.run}/{wildcards.ds}",
+        meteor={True: "yes", False: "no"}.get(SCORE.get("meteor"), "auto"),
     log:
         "logs/score_gather/{run}/{ds}.log",
     benchmark:
@@ -57,7 +57,7 @@ rule score_gather:
     conda:
         ENV
     shell:
-        "a3tune score_gather --out {params.out:q} {input:q} > {log:q} 2>&1"
+        "a3tune score_gather --out {params.out:q} --meteor {params.meteor:q} {input:q} > {log:q} 2>&1"
 
 
 rule report:

@@ -30,7 +30,6 @@ rule tune:
         "benchmarks/tune/{method}/{ds}/seed-{seed}.tsv"
     conda:
         ENV
-    threads: 2
     resources:
         mem_mb=16000,
     shell:

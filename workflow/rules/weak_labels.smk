@@ -23,7 +23,6 @@ rule sam_masks:
         "benchmarks/sam_masks/{ds}/shard-{shard}.tsv"
     conda:
         ENV
-    threads: 2
     resources:
         mem_mb=8000,
     shell:

@@ -26,6 +26,7 @@ from a3tune.data.images import STATUS_OK, load_rgb, resolve_under
 from a3tune.io.contracts import CONTRACTS
 from a3tune.io.parquet import read_parquet, write_parquet
 from a3tune.io.provenance import Provenance, hash_file, hash_path
+from a3tune.io.shards import shard_of
 from a3tune.io.zarr_store import write_store
 from a3tune.labels.proposal_cache import ProposalCache, cache_key
 from a3tune.labels.proposals import ProposalParams
@@ -33,10 +34,6 @@ from a3tune.labels.proposals import ProposalParams
 log = logging.getLogger(__name__)
 
 STATUS_NO_PROPOSALS = "no_proposals"
-
-
-def shard_of(sha256: str, shards: int) -> int:
-    return int(sha256[:12], 16) % shards
 
 
 @dataclasses.dataclass

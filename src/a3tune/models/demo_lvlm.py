@@ -29,7 +29,10 @@ from a3tune.tune.engine import Engine, check_finite
 
 log = logging.getLogger(__name__)
 
-TRAIN_DEFAULTS = {"steps": 300, "batch_size": 16, "lr": 1e-3, "warmup": 0.05, "weight_decay": 0.0}
+# answer_types: the training samples' answer types (closed, open, report; empty = all). Leaving the
+# fine-tuning task out (e.g. [open, report]) gives a base model that knows the images and the
+# vocabulary but not that task, as a general Med-LVLM is before it is tuned on a data set.
+TRAIN_DEFAULTS = {"steps": 300, "batch_size": 16, "lr": 1e-3, "warmup": 0.05, "weight_decay": 0.0, "answer_types": []}
 
 
 def train_demo_lvlm(
@@ -63,8 +66,11 @@ def train_demo_lvlm(
     torch.manual_seed(seed)
     lvlm = build_tiny_llava(corpus=corpus, seed=seed, **architecture)
     data = samples.filter(pl.col("split") == "train").join(images.select("image_id", "path"), on="image_id")
+    if train["answer_types"]:
+        data = data.filter(pl.col("answer_type").is_in(list(train["answer_types"])))
     if data.is_empty():
-        raise ValueError(f"demo_lvlm: no training samples with a usable image in {samples_path}")
+        raise ValueError(f"demo_lvlm: no training samples with a usable image and answer type "
+                         f"{train['answer_types'] or 'any'} in {samples_path}")  # fmt: skip
     pixels = {p: load_rgb(resolve_under(root, p)) for p in data["path"].unique().sort()}
 
     model = lvlm.model.train()

@@ -31,11 +31,11 @@ from a3tune.data.images import load_rgb, resolve_under
 from a3tune.io.atomic import atomic_file
 from a3tune.io.parquet import read_parquet, write_parquet
 from a3tune.io.provenance import Provenance, hash_path, read_provenance
+from a3tune.io.shards import shard_of
 from a3tune.io.zarr_store import open_store
 from a3tune.labels.audit import read_gt_mask
 from a3tune.labels.grid import GridSpec, project_masks
 from a3tune.labels.model_inputs import label_maps, labelled_samples
-from a3tune.labels.sam_stage import shard_of
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +112,11 @@ def score_shard(
     return table
 
 
-def gather(shard_tables: list[str | os.PathLike], out_dir: str | os.PathLike) -> dict[str, Any]:
-    """Join the shard tables; write predictions.parquet, attention.parquet and metrics.json into ``out_dir``."""
+def gather(shard_tables: list[str | os.PathLike], out_dir: str | os.PathLike, *, meteor: bool | None = None) -> dict[str, Any]:
+    """Join the shard tables; write predictions.parquet, attention.parquet and metrics.json into ``out_dir``.
+
+    ``meteor``: as :func:`a3tune.score.report_metrics.evaluate_reports` (None: when Java is on PATH).
+    """
     from a3tune.score.report_metrics import score_reports
     from a3tune.score.vqa_metrics import score_vqa, summarize_vqa
 
@@ -140,7 +143,7 @@ def gather(shard_tables: list[str | os.PathLike], out_dir: str | os.PathLike) ->
         metrics["vqa"] = summarize_vqa(score_vqa(vqa.select("sample_id", "prediction", "answer", "answer_type", "organ")))
     reports = table.filter(pl.col("task") == "report")
     if reports.height:
-        metrics["report"] = score_reports(reports["prediction"].to_list(), reports["answer"].to_list())
+        metrics["report"] = score_reports(reports["prediction"].to_list(), reports["answer"].to_list(), meteor=meteor)
     metrics["grounding"] = {c: _mean(table[c]) for c in grounding_columns if c != "attention_map"}
     with atomic_file(out_dir / "metrics.json") as tmp:
         tmp.write_text(json.dumps({"metrics": metrics, "provenance": json.loads(provenance.to_json())}, indent=2,
