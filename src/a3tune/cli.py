@@ -78,7 +78,7 @@ def _cmd_sam_masks(args: argparse.Namespace) -> None:
 def _cmd_gather_proposals(args: argparse.Namespace) -> None:
     from a3tune.labels.sam_stage import gather
 
-    gather(args.tables, args.out, meteor={"yes": True, "no": False, "auto": None}[args.meteor])
+    gather(args.tables, args.out)
 
 
 def _cmd_demo_clip(args: argparse.Namespace) -> None:
@@ -165,7 +165,7 @@ def _cmd_score(args: argparse.Namespace) -> None:
 def _cmd_score_gather(args: argparse.Namespace) -> None:
     from a3tune.score.score_stage import gather
 
-    gather(args.tables, args.out)
+    gather(args.tables, args.out, meteor={"yes": True, "no": False, "auto": None}[args.meteor])
 
 
 def _cmd_report(args: argparse.Namespace) -> None:

@@ -23,6 +23,8 @@ rule sam_masks:
         "benchmarks/sam_masks/{ds}/shard-{shard}.tsv"
     conda:
         ENV
+    # First in the queue: the shards are the longest jobs on the way to every later stage
+    priority: 10
     resources:
         mem_mb=8000,
     shell:
