@@ -46,3 +46,19 @@ def test_unknown_training_setting_is_refused(phantom, tmp_path):
         train_demo_lvlm(phantom / "samples.parquet", phantom / "images.parquet", phantom / "raw", tmp_path / "m",
                         architecture=ARCH, training={"stepz": 3}, progress=False)  # fmt: skip
     assert not (tmp_path / "m").exists()
+
+
+def test_answer_types_restrict_the_pre_training_samples(phantom, tmp_path):
+    out = tmp_path / "general"
+    train_demo_lvlm(phantom / "samples.parquet", phantom / "images.parquet", phantom / "raw", out, architecture=ARCH,
+                    training={"steps": 2, "batch_size": 2, "answer_types": ["open", "report"]}, progress=False)  # fmt: skip
+    samples = pl.read_parquet(phantom / "samples.parquet")
+    expected = samples.filter((pl.col("split") == "train") & pl.col("answer_type").is_in(["open", "report"])).height
+    assert 0 < expected < samples.filter(pl.col("split") == "train").height
+    assert read_provenance(out).params["train_samples"] == expected
+    # The tokenizer still covers the left-out task's words
+    closed = samples.filter(pl.col("answer_type") == "closed")["question"][0]
+    assert load_lvlm(out).processor.tokenizer.unk_token_id not in load_lvlm(out).processor.tokenizer(closed)["input_ids"]
+    with pytest.raises(ValueError, match=r"no training samples .* answer type \['nonsense'\]"):
+        train_demo_lvlm(phantom / "samples.parquet", phantom / "images.parquet", phantom / "raw", tmp_path / "none",
+                        architecture=ARCH, training={"steps": 2, "answer_types": ["nonsense"]}, progress=False)  # fmt: skip

@@ -47,6 +47,11 @@ def test_shards_gather_into_predictions_attention_and_metrics(inputs, tmp_path):
     assert {"closed", "open"} <= set(saved["metrics"]["vqa"]) and "bleu_4" in saved["metrics"]["report"]
     assert 0 <= saved["metrics"]["grounding"]["pointing_hit"] <= 1
     assert read_provenance(tmp_path / "out" / "predictions.parquet").stage == "score_gather"
+    # score.meteor: false leaves METEOR out whether or not Java is on PATH (the CLI's --meteor no)
+    from a3tune.cli import main
+
+    main(["score_gather", "--out", str(tmp_path / "no-meteor"), "--meteor", "no", *map(str, tables)])
+    assert "meteor" not in json.loads((tmp_path / "no-meteor" / "metrics.json").read_text())["metrics"]["report"]
 
 
 @pytest.mark.parametrize("baseline", ["pai", "vcd"])
