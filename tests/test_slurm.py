@@ -109,44 +109,19 @@ def slurm_cluster():
     subprocess.run(["bash", str(SCRIPT), "stop"], capture_output=True, text=True, timeout=120)
 
 
+def snakemake_cmd(workdir: Path, *args: str) -> list[str]:
+    """``python -m snakemake ARGS`` on the repository's workflow, in ``workdir`` with its config.yaml."""
+    return [sys.executable, "-m", "snakemake", *args, "--snakefile", str(REPO / "Snakefile"),
+            "--directory", str(workdir), "--configfile", str(workdir / "config.yaml")]  # fmt: skip
+
+
 def snakemake_slurm(workdir: Path, env: dict, *args: str, timeout: float = RUN_TIMEOUT):
-    ncpus = os.cpu_count() or 1
-    cmd = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        *args,
-        "--snakefile",
-        str(REPO / "Snakefile"),
-        "--directory",
-        str(workdir),
-        "--configfile",
-        str(workdir / "config.yaml"),
-        "--profile",
-        str(REPO / "profiles" / "slurm"),
-        "--workflow-profile",
-        str(OVERLAY),
-        *cpu_cluster_resources(ncpus),
-    ]
-    return _run(cmd, workdir, timeout, env)
+    profile = ["--profile", str(REPO / "profiles" / "slurm"), "--workflow-profile", str(OVERLAY)]
+    return _run([*snakemake_cmd(workdir, *args), *profile, *cpu_cluster_resources(os.cpu_count() or 1)], workdir, timeout, env)
 
 
 def snakemake_local(workdir: Path, *args: str, timeout: float = RUN_TIMEOUT):
-    cmd = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        *args,
-        "--snakefile",
-        str(REPO / "Snakefile"),
-        "--directory",
-        str(workdir),
-        "--configfile",
-        str(workdir / "config.yaml"),
-        "--cores",
-        "2",
-    ]
-    return _run(cmd, workdir, timeout)
+    return _run(snakemake_cmd(workdir, *args, "--cores", "2"), workdir, timeout)
 
 
 def submitted(out: str) -> dict[str, list[str]]:
@@ -176,20 +151,7 @@ def shared_run(slurm_cluster, tmp_path_factory, tiny_config_module):
     for d in (wd, local):
         d.mkdir()
         (d / "config.yaml").write_text(yaml.safe_dump(tiny_config_module))
-    cmd = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        *LOCAL_TARGETS,
-        "--snakefile",
-        str(REPO / "Snakefile"),
-        "--directory",
-        str(local),
-        "--configfile",
-        str(local / "config.yaml"),
-        "--cores",
-        "1",
-    ]
+    cmd = snakemake_cmd(local, *LOCAL_TARGETS, "--cores", "1")
     local_proc = subprocess.Popen(
         cmd, cwd=local, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
