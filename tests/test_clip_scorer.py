@@ -25,6 +25,7 @@ from a3tune.labels.clip_scorer import (
     masked_crop,
     select_top_k,
 )
+from a3tune.labels.clip_text_tower import BERT_BASE, BUILTIN_TEXT_CONFIGS, bert_config_from_shapes
 
 open_clip = import_open_clip()  # after a3tune.compat.ensure_torchvision()
 
@@ -76,6 +77,40 @@ def biomedclip_dir(tmp_path_factory):
     return folder
 
 
+# BiomedCLIP's hub folder ships no config.json: the tower gets a built-in BERT config whose sizes come
+# from the weights. Here a small BERT with BERT-base's 12 heads (the one size no tensor shows), of
+# width 4, and sizes unlike BERT-base's, so that each must be read from the checkpoint.
+HUB_BERT_SIZES = {"vocab_size": len(WORDS), "hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 12,
+                  "intermediate_size": 40, "max_position_embeddings": 40, "type_vocab_size": 2}  # fmt: skip
+OLD_HUB_BERT = "microsoft/BiomedNLP-PubMedBERT-base-uncased-abstract"
+BIN = "open_clip_pytorch_model.bin"
+
+
+def _write_bert_config(folder, **overrides):
+    from transformers import BertConfig
+
+    BertConfig(**{**HUB_BERT_SIZES, **overrides}).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def hub_dir(tmp_path_factory):
+    """BiomedCLIP's hub layout: open_clip_config.json naming the hub BERT, .bin weights and the
+    tokenizer files (a tokenizer_config.json that names no tokenizer class); no config.json."""
+    folder = tmp_path_factory.mktemp("biomedclip_hub")
+    (folder / "vocab.txt").write_text("\n".join(WORDS) + "\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True, "model_max_length": 32}))
+    special = {"cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]", "unk_token": "[UNK]", "mask_token": "[MASK]"}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special))
+    (folder / "open_clip_config.json").write_text(json.dumps(BIOMEDCLIP_CFG))
+    model_cfg = json.loads(json.dumps(BIOMEDCLIP_CFG["model_cfg"]))
+    bert = _write_bert_config(tmp_path_factory.mktemp("bert_config"))
+    model_cfg["text_cfg"].update(hf_model_name=str(bert), hf_model_pretrained=False)
+    torch.manual_seed(2)
+    torch.save(open_clip.CustomTextCLIP(**model_cfg).state_dict(), folder / BIN)
+    return folder
+
+
 def _image_and_masks():
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
@@ -113,13 +148,104 @@ def test_biomedclip_text_tower_in_another_folder(biomedclip_dir, tmp_path):
     model_dir.mkdir()
     for name in ("open_clip_config.json", "open_clip_pytorch_model.bin"):
         shutil.copy(biomedclip_dir / name, model_dir / name)
-    with pytest.raises(FileNotFoundError, match=str(model_dir / "config.json")):
+    with pytest.raises(FileNotFoundError, match="no tokenizer files in " + str(model_dir)):
         load_clip(model_dir)
     _write_text_tower(tmp_path / "bert")
     image, masks = _image_and_masks()
     query = "Medical image of pathology.Which organ contains the lesion?"
     got = load_clip(model_dir, text_model_dir=tmp_path / "bert").score(image, masks, query)
     np.testing.assert_allclose(got, load_clip(biomedclip_dir).score(image, masks, query), rtol=1e-5)
+
+
+def _legacy_bin(state, folder):
+    torch.save(state, folder / BIN, _use_new_zipfile_serialization=False)  # cannot be memory-mapped
+
+
+def _wrapped_bin(state, folder):
+    torch.save({"state_dict": {"module." + k: v for k, v in state.items()}, "epoch": 3}, folder / BIN)
+
+
+def _safetensors(state, folder):
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "open_clip_model.safetensors"))
+    (folder / BIN).unlink()
+
+
+# How the weights are stored: the built-in config's sizes are read from each.
+WEIGHT_FORMATS = {
+    "bin": lambda state, folder: None,
+    "legacy bin": _legacy_bin,
+    "wrapped bin": _wrapped_bin,
+    "safetensors": _safetensors,
+}
+
+
+@pytest.mark.parametrize("weights_format", list(WEIGHT_FORMATS))
+def test_biomedclip_hub_layout_loads_with_builtin_text_config(hub_dir, tmp_path, weights_format):
+    folder = shutil.copytree(hub_dir, tmp_path / "hub")
+    state = torch.load(folder / BIN, weights_only=True)
+    WEIGHT_FORMATS[weights_format](state, folder)
+    scorer = load_clip(folder)
+    weights = "open_clip_model.safetensors" if weights_format == "safetensors" else BIN
+    assert scorer.text_config.startswith(f"built-in {HUB_BERT} (sizes from {weights}: vocab_size {len(WORDS)}")
+    config = scorer.model.text.config
+    assert {k: getattr(config, k) for k in HUB_BERT_SIZES} == HUB_BERT_SIZES  # 12 heads built in, the rest read
+    assert (config.model_type, config.hidden_act, config.layer_norm_eps, config.pad_token_id) == ("bert", "gelu", 1e-12, 0)
+    model_state = scorer.model.state_dict()
+    assert all(torch.equal(model_state[name], value) for name, value in state.items() if name in model_state)
+    ids = scorer.tokenizer(["Medical imgaing of abdomen CT."])[0].tolist()
+    assert ids[:8] == [WORDS.index(w) for w in ("[CLS]", "medical", "imgaing", "of", "abdomen", "ct", ".", "[SEP]")]
+    image, masks = _image_and_masks()
+    scores = scorer.score(image, masks, "Medical imgaing of abdomen CT.Is there a lesion in the liver?")
+    assert np.all(np.isfinite(scores[:3])) and scores[3] == -np.inf
+    assert not os.path.exists(scorer.tokenizer.tokenizer.name_or_path)  # the temporary folder is gone
+
+
+def test_folder_config_json_wins_over_builtin(hub_dir, tmp_path):
+    image, masks = _image_and_masks()
+    query = "Medical image of abdomen. Which organ contains the lesion?"
+    builtin = load_clip(hub_dir)
+    # The same sizes in the folder's config.json: the same weights give the same numbers
+    same = _write_bert_config(shutil.copytree(hub_dir, tmp_path / "same"))
+    explicit = load_clip(same)
+    assert explicit.text_config == str(same / "config.json")
+    np.testing.assert_allclose(explicit.score(image, masks, query), builtin.score(image, masks, query), rtol=1e-6)
+    # A config.json that differs from the built-in one (4 heads) is the one used
+    other = _write_bert_config(shutil.copytree(hub_dir, tmp_path / "other"), num_attention_heads=4)
+    scorer = load_clip(other)
+    assert scorer.text_config == str(other / "config.json") and scorer.model.text.config.num_attention_heads == 4
+    assert not np.allclose(scorer.score(image, masks, query)[:3], builtin.score(image, masks, query)[:3])
+
+
+@pytest.mark.parametrize(("hub_name", "builtin"), [(HUB_BERT, True), (OLD_HUB_BERT, True), ("bert-base-uncased", False)])
+def test_text_tower_without_config_json_needs_a_builtin_name(hub_dir, tmp_path, hub_name, builtin):
+    folder = shutil.copytree(hub_dir, tmp_path / "hub")
+    config = json.loads(json.dumps(BIOMEDCLIP_CFG))
+    config["model_cfg"]["text_cfg"].update(hf_model_name=hub_name, hf_tokenizer_name=hub_name)
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    if builtin:
+        assert load_clip(folder).text_config.startswith(f"built-in {hub_name} ")
+        return
+    with pytest.raises(FileNotFoundError, match=str(folder / "config.json")) as error:
+        load_clip(folder)
+    assert all(name in str(error.value) for name in BUILTIN_TEXT_CONFIGS)
+
+
+def test_bert_config_from_published_shapes():
+    # PubMedBERT's own shapes give back BERT-base exactly
+    t = "text.transformer."
+    shapes = {t + "embeddings.word_embeddings.weight": (30522, 768), t + "embeddings.position_embeddings.weight": (512, 768),
+              t + "embeddings.token_type_embeddings.weight": (2, 768)}  # fmt: skip
+    for i in range(12):
+        shapes[f"{t}encoder.layer.{i}.intermediate.dense.weight"] = (3072, 768)
+        shapes[f"{t}encoder.layer.{i}.output.dense.weight"] = (768, 3072)
+    assert bert_config_from_shapes(BERT_BASE, shapes, source="ckpt.bin") == BERT_BASE
+    # A missing tensor, or a width that BERT-base's 12 heads do not divide, is refused by name
+    missing = {k: v for k, v in shapes.items() if "position" not in k}
+    with pytest.raises(ValueError, match=r"ckpt.bin has no tensor text.transformer.embeddings.position_embeddings"):
+        bert_config_from_shapes(BERT_BASE, missing, source="ckpt.bin")
+    narrow = {**shapes, t + "embeddings.word_embeddings.weight": (30522, 32)}
+    with pytest.raises(ValueError, match="hidden size 32 is not a multiple of the built-in config's 12 attention heads"):
+        bert_config_from_shapes(BERT_BASE, narrow, source="ckpt.bin")
 
 
 def test_safetensors_preferred_over_bin(biomedclip_dir, tmp_path):

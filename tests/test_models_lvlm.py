@@ -132,6 +132,14 @@ def test_smollm2_composition_keeps_text_logits(smollm2, one_thread):
         assert lvlm.model(**batch.inputs).logits.shape[:2] == batch.inputs["input_ids"].shape
 
 
+def test_smollm2_composition_round_trips(smollm2, tmp_path, one_thread):
+    """SmolLM2 ties lm_head to the embeddings: the saved composition still loads, with nothing reported missing."""
+    lvlm = compose_smollm_llava(*smollm2)
+    assert lvlm.model.config.tie_word_embeddings
+    lvlm.save(tmp_path / "smollm2")
+    torch.testing.assert_close(_logits(load_lvlm(tmp_path / "smollm2")), _logits(lvlm), atol=0, rtol=0)
+
+
 def test_capture_on_smollm2_real_heads_equals_eager(smollm2, one_thread):
     """The capture on trained GQA heads (30 layers x 9 heads, 3 KV heads) against eager probabilities."""
     lvlm = compose_smollm_llava(*smollm2)

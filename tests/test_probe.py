@@ -153,7 +153,7 @@ def test_stage_writes_ranked_heads_with_provenance_and_a_heatmap(probe_inputs):
     assert heads.filter(pl.col("selected"))["rank"].max() == 2
     assert heads["score"].is_between(0, 1).all() and heads["inside_score"].is_between(0, 1).all()
     prov = read_provenance(out)
-    assert prov.stage == "probe_heads"
+    assert prov.stage == "probe_heads" and prov.params["dtype"] == "torch.float32"
     # The labelled train samples only (the first has an empty label), all with a label
     assert prov.params["n_samples"] == prov.params["n_labelled"] == n_train - 1
     assert {"samples.parquet", "labels.zarr", "model"} <= set(prov.inputs)

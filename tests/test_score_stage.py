@@ -58,6 +58,7 @@ def test_shards_gather_into_predictions_attention_and_metrics(inputs, tmp_path):
 def test_baselines_decode_greedily(inputs, tmp_path, baseline):
     table = _shard(inputs, tmp_path / "shard.parquet", 0, 1, baseline=baseline, limit=2)
     assert table.height == 2
+    assert read_provenance(tmp_path / "shard.parquet").params["dtype"] == "torch.float32"
     assert read_provenance(tmp_path / "shard.parquet").params["decoding"] == {
         "num_beams": 1, "max_new_tokens": 3, "stop": [], "do_sample": False, "baseline": baseline}  # fmt: skip
 

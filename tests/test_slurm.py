@@ -45,7 +45,7 @@ TARGETS = [
 ]
 LOCAL_TARGETS = TARGETS[:3]
 RANKS = 2
-MEM_MB = 3000  # per job; the profile's site values (up to 256 GB) do not fit a test machine
+MEM_MB = 3000  # per job; the profile's site values (up to 96 GB) do not fit a test machine
 # Hard limits (seconds) on each scheduler run; on an idle 2-core machine the shared run takes ~2.5 min.
 RUN_TIMEOUT = 360
 

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import polars as pl
 import pytest
+import torch
 from fixtures_lvlm import write_lvlm_inputs
 from safetensors.torch import load_file
 
@@ -15,7 +16,7 @@ from a3tune.io.parquet import read_parquet, write_parquet
 from a3tune.io.provenance import Provenance, read_provenance
 from a3tune.tune import trainer
 from a3tune.tune.adapter_config import AdapterConfig
-from a3tune.tune.tune_stage import run_tune, selected_heads
+from a3tune.tune.tune_stage import on_rank_gpu, run_tune, selected_heads
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,6 +42,16 @@ def _tune(tmp, out, method="a3tune", overrides=None, checkpoints=None):
                     heads_path=tmp / "heads.parquet", overrides={**SMALL, **(overrides or {})}, progress=False)  # fmt: skip
 
 
+def test_each_rank_loads_the_base_model_onto_its_own_gpu(monkeypatch):
+    spec = {"path": "m", "dtype": "auto", "device": "cuda"}
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert on_rank_gpu(spec) == spec
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert on_rank_gpu(spec) == {**spec, "device": "cuda:3"} and spec["device"] == "cuda"
+    assert on_rank_gpu({"path": "m", "device": "cpu"})["device"] == "cpu"
+    assert on_rank_gpu({"path": "m", "device": "cuda:1"})["device"] == "cuda:1"
+
+
 def test_selected_heads_from_the_probe(inputs):
     assert selected_heads(inputs / "heads.parquet") == {0: [0, 1], 1: [2, 3]}
 
@@ -61,11 +72,10 @@ def test_methods_train_and_write_adapter_and_log(inputs, tmp_path, method, overr
     assert config.extra["settings"]["lam"] == 0.5 and config.extra["provenance"]["stage"] == "tune"
     prov = read_provenance(tmp_path / "run" / "train_log.parquet")
     assert prov.params["method"] == method and {"labels.zarr", "model"} <= set(prov.inputs)
+    assert prov.params["dtype"] == str(torch.bfloat16 if torch.cuda.is_available() else torch.float32)  # auto
 
 
 def test_lora_adapter_merges_into_a_standard_checkpoint(inputs, tmp_path):
-    import torch
-
     from a3tune.cli import main
     from a3tune.models.layout import encode_batch
     from a3tune.models.lvlm import load_lvlm

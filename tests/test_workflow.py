@@ -102,3 +102,32 @@ def test_tiny_dag_runs_and_artifacts_carry_provenance(tmp_path, tiny_config):
     # A second run has nothing to do.
     again = run_snakemake(tmp_path, "--cores", "2", "-n", config=tiny_config)
     assert "Nothing to be done" in again.stdout + again.stderr
+
+
+@pytest.mark.slow
+def test_original_checkpoint_is_converted_once_and_feeds_probe_tune_score(tmp_path, tiny_config):
+    """model.source set: the plan is convert -> probe -> tune -> score on the converted folder, and a
+    run converts once (a tiny LLaVA-Med v1.5 folder in the original layout, grid 8 at 112 px)."""
+    from tests.fixtures_llava_med import write_tower, write_v15
+
+    write_v15(tmp_path / "llava-med-v1.5", write_tower(tmp_path / "clip", image_size=112))
+    config = copy.deepcopy(tiny_config)
+    config["model"] = {"name": "llava_med", "source": str(tmp_path / "llava-med-v1.5"), "source_format": "llava-med-v1.5",
+                       "vision_tower": str(tmp_path / "clip")}  # fmt: skip
+    config["tune"]["methods"] = ["a3tune"]
+    config["score"]["baselines"] = []
+    workdir = tmp_path / "wd"
+    plan = run_snakemake(workdir, "-n", config=config)
+    assert plan.returncode == 0, plan.stdout + plan.stderr
+    for rule in ("convert_model", "probe_heads", "tune", "score"):
+        assert f"rule {rule}:" in plan.stdout or f"localrule {rule}:" in plan.stdout, rule
+    assert "demo_lvlm" not in plan.stdout
+    targets = ["runs/a3tune/phantom/seed-0/train_log.parquet", "results/base/phantom/metrics.json"]
+    proc = run_snakemake(workdir, "--cores", "2", *targets, config=config)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    converted = workdir / "models" / "converted" / "llava_med"
+    assert read_provenance(converted).stage == "convert_model"
+    assert read_provenance(workdir / "probe" / "llava_med" / "phantom" / "heads.parquet").inputs
+    assert (proc.stdout + proc.stderr).count("rule convert_model:") == 1
+    again = run_snakemake(workdir, "--cores", "2", "-n", *targets, config=config)
+    assert "Nothing to be done" in again.stdout + again.stderr

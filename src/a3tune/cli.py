@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import a3tune
+from a3tune.models.convert import command as convert_command
 
 log = logging.getLogger("a3tune")
 
@@ -280,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=12, help="number of samples")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.set_defaults(func=_cmd_overlays)
+
+    convert_command.register(sub)
 
     p = sub.add_parser("demo_lvlm", help="pre-train the demo's stand-in base Med-LVLM (a small LLaVA)")
     p.add_argument("--samples", required=True, type=Path, help="samples.parquet")

@@ -23,6 +23,12 @@ SCORE = config.get("score", {})
 SCORE_SHARDS = SCORE.get("shards", SHARDS)
 PRESET_OF_FORMAT = {"phantom": "phantom", "slake": "slake", "vqarad": "vqarad", "pathvqa": "pathvqa"}
 ENV = "../../envs/a3tune.yaml"
+CONVERTED_MODEL = f"models/converted/{MODEL_NAME}"
+
+if MODEL.get("path") and MODEL.get("source"):
+    raise WorkflowError("model: set either path (an HF Llava folder) or source (an original LLaVA-Med folder), not both")
+if MODEL.get("source") and not MODEL.get("source_format"):
+    raise WorkflowError("model.source is set: set model.source_format too (llava-med-v1.5 or llava-med-v1)")
 
 
 wildcard_constraints:
@@ -63,11 +69,17 @@ def clip_model(wildcards):
 
 
 def base_model(wildcards):
-    """The base Med-LVLM folder: the configured checkpoint, or the demo's stand-in for phantom data."""
+    """The base Med-LVLM folder: the configured HF checkpoint, the conversion of an original one, or
+    the demo's stand-in for phantom data."""
     if MODEL.get("path"):
         return MODEL["path"]
+    if MODEL.get("source"):
+        return CONVERTED_MODEL
     if dataset(wildcards)["format"] != "phantom":
-        raise WorkflowError(f"data set {wildcards.ds!r}: set model.path to a local LLaVA-family checkpoint")
+        raise WorkflowError(
+            f"data set {wildcards.ds!r}: set model.path to a local HF Llava checkpoint, or model.source and "
+            "model.source_format to an original LLaVA-Med folder"
+        )
     return f"models/demo_lvlm/{wildcards.ds}"
 
 
@@ -100,6 +112,12 @@ def run_adapter(wildcards):
 
 def run_baseline(wildcards):
     return wildcards.run.split("+", 1)[1] if "+" in wildcards.run else ""
+
+
+def model_spec(wildcards, input):
+    """The base model's spec for a3tune.models.registry.lvlm_from_config: folder, dtype and device."""
+    spec = {"path": input.model, "dtype": MODEL.get("dtype", "auto"), "device": MODEL.get("device", "cpu")}
+    return json.dumps(spec, sort_keys=True)
 
 
 def overlay_settings():

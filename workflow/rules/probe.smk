@@ -44,7 +44,7 @@ rule probe_heads:
             subcategory="{ds}",
         ),
     params:
-        model=lambda wildcards, input: json.dumps({"path": input.model}),
+        model=model_spec,
         labels=lambda wildcards: f"labels/{wildcards.ds}",
         split=PROBE.get("split", "train"),
         n_samples=PROBE.get("n_samples", 64),

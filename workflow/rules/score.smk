@@ -15,7 +15,7 @@ rule score:
     output:
         "results/{run}/{ds}/shards/shard-{shard}.parquet",
     params:
-        model=lambda wildcards, input: json.dumps({"path": input.model}),
+        model=model_spec,
         labels=lambda wildcards: f"labels/{wildcards.ds}",
         adapter=lambda wildcards, input: input.adapter or "",
         baseline=run_baseline,

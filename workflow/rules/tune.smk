@@ -15,7 +15,7 @@ rule tune:
         adapter=directory("runs/{method}/{ds}/seed-{seed}/adapter"),
         log="runs/{method}/{ds}/seed-{seed}/train_log.parquet",
     params:
-        model=lambda wildcards, input: json.dumps({"path": input.model}),
+        model=model_spec,
         labels=lambda wildcards: f"labels/{wildcards.ds}",
         preset=tune_preset,
         overrides=json.dumps(TUNE.get("overrides", {}), sort_keys=True),

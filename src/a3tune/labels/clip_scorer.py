@@ -16,17 +16,11 @@ Models come only from local files, never from a model hub:
                                      (read with torch.load(weights_only=True))
 
   When ``model_cfg.text_cfg`` names a Hugging Face text tower (``hf_model_name``, BiomedCLIP's
-  PubMedBERT), that tower is built from a *local* transformers config and tokenizer, looked up in
-  ``text_model_dir`` (default: ``model_dir`` itself)::
-
-      config.json                    the text model's transformers config (for BiomedCLIP: copy
-                                     config.json of microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract;
-                                     the BiomedCLIP repository does not ship it)
-      vocab.txt / tokenizer.json / tokenizer_config.json / special_tokens_map.json
-                                     the tokenizer files (the BiomedCLIP repository ships them)
-
-  ``hf_model_name`` and ``hf_tokenizer_name`` are pointed at that folder, so nothing is fetched; the
-  text tower's weights come from the CLIP checkpoint like every other weight.
+  PubMedBERT), it is built from local files only (``clip_text_tower``): the tokenizer files
+  (vocab.txt / tokenizer.json / tokenizer_config.json, which the BiomedCLIP repository ships) and
+  the BERT's config.json, both looked up in ``text_model_dir`` (default: ``model_dir``). Without a
+  config.json, PubMedBERT's names get a built-in BERT-base config sized from the checkpoint, so the
+  hub folder loads as downloaded; ``ClipScorer.text_config`` says which config was used.
 - ``load_clip_named(arch, checkpoint)``: any built-in open_clip architecture (``open_clip.list_models()``)
   with a local checkpoint file.
 
@@ -53,14 +47,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from a3tune.labels.clip_text_tower import HF_CONFIG_NAME, HF_TOKENIZER_NAMES, LocalTextTower, local_text_tower  # noqa: F401
+
 log = logging.getLogger(__name__)
 
 CONFIG_NAME = "open_clip_config.json"
 # Weight files of a local open_clip folder, in order of preference.
 WEIGHT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
-# A Hugging Face text tower needs its transformers config and at least one of the tokenizer files.
-HF_CONFIG_NAME = "config.json"
-HF_TOKENIZER_NAMES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
 
 # ---------------------------------------------------------------------------------------------------
 # Query templates (method notes §2.2; the typos "imgaing" are the reference's and are kept)
@@ -178,6 +171,8 @@ class ClipScorer:
         device: where the model runs.
         batch_size: crops per forward pass.
         source: where the model came from (for messages and provenance).
+        text_config: for a Hugging Face text tower, which transformers config built it (its
+            config.json, or "built-in ..." with the sizes read from the checkpoint); else "".
     """
 
     model: torch.nn.Module
@@ -186,6 +181,7 @@ class ClipScorer:
     device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
     batch_size: int = 64
     source: str = ""
+    text_config: str = ""
     text_cache_size: int = 1024
     _text_cache: OrderedDict = dataclasses.field(default_factory=OrderedDict, repr=False)
 
@@ -292,12 +288,14 @@ def load_clip(
     Args:
         model_dir: folder with open_clip_config.json and the weights.
         device: where to run the model.
-        text_model_dir: folder with the Hugging Face text tower's config.json and tokenizer files,
-            for configs whose text_cfg has ``hf_model_name``; default ``model_dir``.
+        text_model_dir: folder with the Hugging Face text tower's tokenizer files and config.json
+            (optional for the built-in names), for configs whose text_cfg has ``hf_model_name``;
+            default ``model_dir``.
         batch_size: crops per forward pass.
 
     Raises:
-        FileNotFoundError: naming the missing folder or file.
+        FileNotFoundError: naming the missing folder or file (for a text tower without config.json
+            and without a built-in config, also the built-in names).
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -312,34 +310,29 @@ def load_clip(
     text_cfg = dict(config["model_cfg"].get("text_cfg", {}))
     vision_cfg = dict(config["model_cfg"].get("vision_cfg", {}))
     vision_cfg["timm_model_pretrained"] = False  # never fetch timm's own weights
-    hf_dir = None
-    if "hf_model_name" in text_cfg:
-        hf_dir = Path(text_model_dir) if text_model_dir is not None else model_dir
-        _check_hf_text_dir(hf_dir, text_cfg["hf_model_name"])
-        # The local folder replaces the hub names; the tower's weights come from the checkpoint.
-        text_cfg.update(hf_model_name=str(hf_dir), hf_tokenizer_name=str(hf_dir), hf_model_pretrained=False)
-
-    open_clip = import_open_clip()
-    # The folder's config and preprocess_cfg, with the towers' configs overridden as above; weights
-    # are loaded below from the file chosen here, not from open_clip's own search of the folder
-    # (so open_clip's "initialized randomly" and "skipping" messages do not apply and are dropped).
-    with _drop_root_records("No pretrained weights loaded", "Potential checkpoint path"):
-        model = open_clip.create_model(
-            f"local-dir:{model_dir}", load_weights=False, pretrained_text=False, device="cpu",
-            text_cfg=text_cfg, vision_cfg=vision_cfg,
-        )  # fmt: skip
+    tower: LocalTextTower | None = None
+    with contextlib.ExitStack() as stack:
+        if "hf_model_name" in text_cfg:
+            # Local config and tokenizer files replace the hub names (a built-in config lives in a
+            # temporary folder until the block ends); the tower's weights come from the checkpoint.
+            hf_dir = Path(text_model_dir) if text_model_dir is not None else model_dir
+            tower = stack.enter_context(local_text_tower(text_cfg, hf_dir, weights))
+            text_cfg = tower.text_cfg
+        open_clip = import_open_clip()
+        # The folder's config and preprocess_cfg, with the towers' configs overridden as above; weights
+        # are loaded below from the file chosen here, not from open_clip's own search of the folder
+        # (so open_clip's "initialized randomly" and "skipping" messages do not apply and are dropped).
+        with _drop_root_records("No pretrained weights loaded", "Potential checkpoint path"):
+            model = open_clip.create_model(
+                f"local-dir:{model_dir}", load_weights=False, pretrained_text=False, device="cpu",
+                text_cfg=text_cfg, vision_cfg=vision_cfg,
+            )  # fmt: skip
+        tokenizer = tower.tokenizer() if tower else open_clip.get_tokenizer(f"local-dir:{model_dir}")
     open_clip.load_checkpoint(model, str(weights), strict=True, weights_only=True)
-    if hf_dir is not None:
-        from open_clip.tokenizer import DEFAULT_CONTEXT_LENGTH, HFTokenizer
-
-        tokenizer = HFTokenizer(
-            str(hf_dir), context_length=text_cfg.get("context_length", DEFAULT_CONTEXT_LENGTH),
-            tokenizer_mode=text_cfg.get("tokenizer_mode"), **text_cfg.get("tokenizer_kwargs", {}),
-        )  # fmt: skip
-    else:
-        tokenizer = open_clip.get_tokenizer(f"local-dir:{model_dir}")
-    log.info("loaded CLIP %s (weights %s)", model_dir, weights.name)
-    return _scorer(open_clip, model, tokenizer, device, batch_size, str(model_dir))
+    scorer = _scorer(open_clip, model, tokenizer, device, batch_size, str(model_dir))
+    scorer.text_config = tower.text_config if tower else ""
+    log.info("loaded CLIP %s (weights %s; text config %s)", model_dir, weights.name, scorer.text_config or "open_clip's")
+    return scorer
 
 
 def load_clip_named(
@@ -394,16 +387,6 @@ def _drop_root_records(*prefixes: str) -> Iterator[None]:
         yield
     finally:
         root.removeFilter(keep)
-
-
-def _check_hf_text_dir(hf_dir: Path, hub_name: str) -> None:
-    if not (hf_dir / HF_CONFIG_NAME).is_file():
-        raise FileNotFoundError(
-            f"{hf_dir / HF_CONFIG_NAME} not found: the text tower ({hub_name}) is built from a local "
-            "transformers config; copy that model's config.json there or pass text_model_dir"
-        )
-    if not any((hf_dir / name).is_file() for name in HF_TOKENIZER_NAMES):
-        raise FileNotFoundError(f"no tokenizer files in {hf_dir}: expected one of {list(HF_TOKENIZER_NAMES)}")
 
 
 def _scorer(open_clip, model, tokenizer, device, batch_size, source) -> ClipScorer:

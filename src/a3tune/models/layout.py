@@ -100,6 +100,16 @@ def _token_span(offsets: np.ndarray, chars: tuple[int, int], what: str, index: i
     return int(hit[0]), int(hit[-1]) + 1
 
 
+def _turn_end(text: str, ids: np.ndarray, offsets: np.ndarray, answer_end: int, special: set[int]) -> int:
+    """Where the labels end: after the special token that closes the turn when one follows the answer,
+    whitespace-only tokens between included (LLaMA-2's " </s>" leaves a "▁" there, and the reference
+    trains on the whole turn); else at the answer's end."""
+    end = answer_end
+    while end < len(ids) and text[offsets[end, 0] : offsets[end, 1]].isspace():
+        end += 1
+    return end + 1 if end < len(ids) and int(ids[end]) in special else answer_end
+
+
 def _to_pil(image: PIL.Image.Image | np.ndarray) -> PIL.Image.Image:
     if isinstance(image, np.ndarray):
         image = PIL.Image.fromarray(image)
@@ -118,7 +128,8 @@ def encode_batch(
     """Tokenize and pad a batch of (image, question[, answer]) samples and locate their parts.
 
     Labels cover the answer's tokens and, when the template ends the turn with a special token
-    (``</s>``, ``<|im_end|>``), that token too; they are None without answers.
+    (``</s>``, ``<|im_end|>``), that token too, with any whitespace between (``mistral_instruct``'s
+    " </s>"); they are None without answers.
     """
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
@@ -154,8 +165,7 @@ def encode_batch(
             answer_span, target_end = (len(ids), len(ids)), len(ids)
         else:
             answer_span = _token_span(offsets, a_chars, "answer", i)
-            ends_turn = answer_span[1] < len(ids) and int(ids[answer_span[1]]) in special
-            target_end = answer_span[1] + int(ends_turn)
+            target_end = _turn_end(text, ids, offsets, answer_span[1], special)
         rows.append((ids, image_at, question_span, answer_span, target_end))
 
     # Pad by hand: every position below is shifted by the sample's left padding.

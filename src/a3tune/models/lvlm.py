@@ -1,10 +1,11 @@
 """Loading and building LLaVA-family Med-LVLMs, with the image geometry the rest of a3tune needs.
 
 Every model is a ``transformers.LlavaForConditionalGeneration`` with its ``LlavaProcessor``:
-llava-hf checkpoints and Hugging Face conversions of LLaVA-Med v1.5 load from a local directory
-(``load_lvlm``); the demo and the tests build one in-process: ``build_tiny_llava`` here (random
-weights everywhere, a word-level tokenizer built from a corpus; seconds to build), and
-``a3tune.models.smollm2`` (trained SmolLM2-135M weights behind a random vision tower).
+llava-hf checkpoints and LLaVA-Med converted by ``a3tune convert_model`` load from a local
+directory (``load_lvlm``, which refuses anything it would load partly at random); the demo and
+the tests build one in-process: ``build_tiny_llava`` here (random weights everywhere, a
+word-level tokenizer built from a corpus; seconds to build), and ``a3tune.models.smollm2``
+(trained SmolLM2-135M weights behind a random vision tower).
 ``a3tune.models.registry`` picks one from a config entry.
 
 ``LoadedLvlm`` carries what the labels and the probe must agree on with the model: the vision
@@ -31,15 +32,16 @@ ensure_torchvision()  # the processors' image backends import torchvision
 import transformers  # noqa: E402
 from transformers import (  # noqa: E402
     AutoProcessor,
-    CLIPImageProcessor,
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
-    LlavaImageProcessor,
     LlavaProcessor,
 )
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil  # noqa: E402
+from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil  # noqa: E402
 
+from a3tune.models.load_checks import check_llava_config, check_loading_info, weights_listing  # noqa: E402
 from a3tune.models.word_tokenizer import IMAGE, build_word_tokenizer  # noqa: E402
 
 PREPROCESSES = ("pad", "crop")
@@ -71,7 +73,7 @@ class LoadedLvlm:
     n_image_tokens: int  # tokens one image becomes in the sequence (G*G)
     grid: int  # G: vision tokens per side
     input_size: int  # P: side of the model's square input in pixels
-    preprocess: str  # "pad" (LLaVA v1.5) or "crop" (CLIPImageProcessor, LLaVA-Med v1)
+    preprocess: str  # "pad" (LLaVA v1.5) or "crop" (CLIP's resize + centre crop, LLaVA-Med v1)
     source: str  # checkpoint directory, or "tiny:<seed>" / "smollm2"
 
     def save(self, path: str | os.PathLike) -> None:
@@ -138,12 +140,14 @@ def load_lvlm(
     device: str | torch.device = "cpu",
     attn_implementation: AttnImplementation = "sdpa",
 ) -> LoadedLvlm:
-    """Load a LLaVA checkpoint (llava-hf, LLaVA-Med v1.5 HF conversion) from a local directory.
+    """Load an HF Llava checkpoint (llava-hf, or LLaVA-Med converted by ``a3tune convert_model``) from a
+    local directory; a folder in another layout, or whose tensors do not all fit the model, raises
+    ``ValueError`` instead of loading partly at random (``a3tune.models.load_checks``).
 
     Args:
-        path: directory with ``config.json``, weights and the processor files; nothing is downloaded.
+        path: directory with ``config.json``, safetensors weights and the processor files; nothing is downloaded.
         dtype: parameter dtype.
-        device: where the model goes.
+        device: where the weights are loaded to.
         attn_implementation: a name (``"sdpa"``, ``"eager"``, a registered function) or the dict
             form ``{"text_config": name, "vision_config": "sdpa", "": "sdpa"}`` that gives the
             language model its own attention function.
@@ -153,13 +157,39 @@ def load_lvlm(
         raise FileNotFoundError(f"LVLM checkpoint directory not found: {path}")
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"LVLM checkpoint has no config.json: {path / 'config.json'}")
-    model = LlavaForConditionalGeneration.from_pretrained(
-        path, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True
-    ).to(device)
-    processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    check_llava_config(path)
+    weights_listing(path)  # no safetensors: fail before the processor and the model are read
+    processor = _load_processor(path)
+    # ignore_mismatched_sizes: a wrong-shape tensor then lands in the loading report, which
+    # check_loading_info turns into an error naming its file and key (transformers' own error names neither)
+    model, info = LlavaForConditionalGeneration.from_pretrained(
+        path,
+        dtype=dtype,
+        attn_implementation=attn_implementation,
+        device_map={"": device},
+        local_files_only=True,
+        use_safetensors=True,
+        output_loading_info=True,
+        ignore_mismatched_sizes=True,
+    )
+    check_loading_info(path, model, info)
+    return wrap_lvlm(model, processor, str(path))
+
+
+def _load_processor(path: Path) -> LlavaProcessor:
+    """The folder's processor, with the PIL image backend (see ``image_processor_for``) and a chat template."""
+    try:
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True, backend="pil")
+    except (OSError, ValueError) as exc:
+        raise ValueError(
+            f"{path}: cannot load the processor ({str(exc).splitlines()[0]}); an HF Llava folder holds "
+            "processor_config.json (or preprocessor_config.json), tokenizer.json and tokenizer_config.json"
+        ) from exc
     if not isinstance(processor, LlavaProcessor):
         raise ValueError(f"{path}: expected a LlavaProcessor, found {type(processor).__name__}")
-    return wrap_lvlm(model, processor, str(path))
+    if processor.chat_template is None:
+        raise ValueError(f"{path}: the processor has no chat template (chat_template.jinja)")
+    return processor
 
 
 @contextlib.contextmanager
@@ -184,19 +214,22 @@ def tiny_vision_config(
     )
 
 
-def image_processor_for(preprocess: str, input_size: int) -> LlavaImageProcessor | CLIPImageProcessor:
-    """An image processor with the given geometry and plain CLIP mean/std.
+def image_processor_for(preprocess: str, input_size: int) -> LlavaImageProcessorPil | CLIPImageProcessorPil:
+    """An image processor with the given geometry and plain CLIP mean/std, on the PIL backend.
 
     ``pad``: LLaVA v1.5's pad to a centred square filled with the mean colour, then resize to P
-    (``LlavaImageProcessor(do_pad=True)``; the centre crop after it is a no-op). ``crop``: resize
-    the shortest side to P, centre crop P×P (``CLIPImageProcessor``).
+    (``LlavaImageProcessorPil(do_pad=True)``; the centre crop after it is a no-op). ``crop``: resize
+    the shortest side to P, centre crop P×P (``CLIPImageProcessorPil``). The PIL classes reproduce
+    the reference's preprocessing (``expand2square``, then CLIP's PIL bicubic resize) exactly, where
+    the torchvision backend's resize differs; ``load_lvlm`` reads saved processors with the same
+    backend, so a model built here and the same model reloaded see identical pixels.
     """
     if preprocess not in PREPROCESSES:
         raise ValueError(f"preprocess {preprocess!r} is not one of {list(PREPROCESSES)}")
     geometry = {"size": {"shortest_edge": input_size}, "crop_size": {"height": input_size, "width": input_size}}
     if preprocess == "pad":
-        return LlavaImageProcessor(do_pad=True, do_center_crop=True, **geometry)
-    return CLIPImageProcessor(do_center_crop=True, **geometry)
+        return LlavaImageProcessorPil(do_pad=True, do_center_crop=True, **geometry)
+    return CLIPImageProcessorPil(do_center_crop=True, **geometry)
 
 
 def compose_llava(

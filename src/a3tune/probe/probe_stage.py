@@ -87,6 +87,7 @@ def run_probe(
             "requested_samples": n_samples, "batch_size": batch_size, "top_k": top_k, "rank_by": rank_by,
             "seed": seed, "n_layers": acc.n_layers, "n_heads": acc.n_heads,
             "selected": int(table["selected"].sum()), "grid": lvlm.grid, "preprocess": lvlm.preprocess,
+            "dtype": str(lvlm.model.dtype),
         },
         inputs=_input_hashes(model, samples_path, images_path, labels_table, labels_store),
     )  # fmt: skip

@@ -103,8 +103,9 @@ def score_shard(
     table = pl.concat(parts) if parts else pl.DataFrame()
     decoding = {**vars(settings), "baseline": baseline}
     provenance = Provenance.for_inputs(
-        "score", {"model": model, "adapter": str(adapter) if adapter else None, "decoding": decoding, "split": split,
-                  "shard": shard, "shards": shards, "heads": str(heads_path) if heads_path else None},
+        "score", {"model": model, "dtype": str(lvlm.model.dtype), "adapter": str(adapter) if adapter else None,
+                  "decoding": decoding, "split": split, "shard": shard, "shards": shards,
+                  "heads": str(heads_path) if heads_path else None},
         {"samples.parquet": samples_path, "images.parquet": images_path, "labels.parquet": labels_dir / "labels.parquet",
          **({"adapter": adapter} if adapter else {})},
     )  # fmt: skip

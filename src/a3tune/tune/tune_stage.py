@@ -45,7 +45,7 @@ def run_tune(
     seed: int = 0,
     progress: bool = True,
 ) -> pl.DataFrame:
-    from a3tune.models.registry import lvlm_from_config
+    from a3tune.models.registry import lvlm_from_config, spec_dtype
     from a3tune.probe.probe_stage import check_label_geometry
     from a3tune.tune.trainer import TrainData, train
 
@@ -61,11 +61,11 @@ def run_tune(
     if "path" in model:
         inputs["model"] = model["path"]
     provenance = Provenance.for_inputs(
-        "tune", {"model": model, "preset": preset, "method": method, "settings": settings.to_dict(),
-                 "heads": {str(k): v for k, v in (heads or {}).items()}}, inputs)  # fmt: skip
+        "tune", {"model": model, "dtype": str(spec_dtype(model)), "preset": preset, "method": method,
+                 "settings": settings.to_dict(), "heads": {str(k): v for k, v in (heads or {}).items()}}, inputs)  # fmt: skip
     checkpoints = Path(checkpoint_root) / fingerprint(provenance)
 
-    lvlm = lvlm_from_config(model)
+    lvlm = lvlm_from_config(on_rank_gpu(model))
     check_label_geometry(labels_dir / "labels.zarr", lvlm)
     samples = labelled_samples(samples_path, images_path, labels_dir / "labels.parquet", "train")
     data = TrainData(samples, Path(root), open_store(labels_dir / "labels.zarr")["grid"])
@@ -76,6 +76,18 @@ def run_tune(
     if int(os.environ.get("RANK", "0")) == 0:
         write_parquet(table, Path(out_dir) / "train_log.parquet", provenance)
     return table
+
+
+def on_rank_gpu(model: dict[str, Any]) -> dict[str, Any]:
+    """The model spec with a bare ``cuda`` device pinned to this rank's GPU (a launcher's ``LOCAL_RANK``).
+
+    Every rank loads its own copy of the base model; ``cuda`` alone would put all of them on GPU 0
+    before DeepSpeed moves each to its rank's GPU. Only the load is pinned: the provenance, and with
+    it the checkpoint folder that all ranks share, keeps the spec as configured.
+    """
+    if model.get("device") != "cuda" or "LOCAL_RANK" not in os.environ:
+        return model
+    return {**model, "device": f"cuda:{os.environ['LOCAL_RANK']}"}
 
 
 def selected_heads(heads_path: str | os.PathLike) -> dict[int, list[int]]:
