@@ -63,10 +63,20 @@ def _reference_prompt(mode: str, image_block: str, question: str, answer: str | 
     return ret
 
 
-def _slow_tokenize(sp, specials: dict[str, int], text: str) -> list[int]:
-    """The slow LlamaTokenizer(legacy=True): bos, then specials split out, the rest by sentencepiece."""
+def _slow_tokenize(sp, specials: dict[str, int], text: str, strip: frozenset[str] = frozenset()) -> list[int]:
+    """The slow LlamaTokenizer(legacy=True): bos, then specials split out, the rest by sentencepiece.
+
+    ``strip``: tokens added as plain strings, around which transformers 4.28 (LLaVA-Med v1's) strips
+    the whitespace of both neighbouring pieces.
+    """
+    pieces = re.split("(" + "|".join(map(re.escape, specials)) + ")", text)
+    for i, piece in enumerate(pieces):
+        if piece in strip:
+            pieces[i - 1] = pieces[i - 1].rstrip() if i > 0 else ""
+            if i + 1 < len(pieces):
+                pieces[i + 1] = pieces[i + 1].lstrip()
     ids = [sp.bos_id()]
-    for piece in re.split("(" + "|".join(map(re.escape, specials)) + ")", text):
+    for piece in pieces:
         if piece in specials:
             ids.append(specials[piece])
         elif piece:
@@ -114,13 +124,17 @@ def test_training_sample_tokenizes_as_the_reference(folders, converted, fmt, mod
     lvlm = _lvlm(tokenizer, layout["image_token"], chat_template(mode, layout["image_block"]))
     sp = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
     specials = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    if (folder / "added_tokens.json").is_file():
-        specials |= json.loads((folder / "added_tokens.json").read_text())
+    added = json.loads((folder / "added_tokens.json").read_text()) if (folder / "added_tokens.json").is_file() else {}
+    specials |= added
     for answer in (ANSWER, None):
         batch = encode_batch(lvlm, [_image()], [QUESTION], None if answer is None else [answer])
         ours = batch.inputs["input_ids"][0].tolist()
         prompt = _reference_prompt(mode, layout["image_block"], QUESTION, answer)
-        theirs = _tokenizer_image_token(sp, specials, prompt, layout["image_token"], image_id, lvlm.n_image_tokens)
+        if fmt == "v1":  # model_vqa_med / train.py: the patches written into the text, one tokenizer call
+            expanded = prompt.replace(layout["image_token"], layout["image_token"] * lvlm.n_image_tokens)
+            theirs = _slow_tokenize(sp, specials, expanded, strip=frozenset(added))
+        else:
+            theirs = _tokenizer_image_token(sp, specials, prompt, layout["image_token"], image_id, lvlm.n_image_tokens)
         assert ours == theirs, (fmt, mode, answer, tokenizer.convert_ids_to_tokens(ours))
         assert (batch.image_index[0] == torch.tensor(np.flatnonzero(np.array(theirs) == image_id))).all()
 
@@ -170,7 +184,10 @@ def test_saved_tokenizer_keeps_the_legacy_prefix(converted, tmp_path, fmt):
     text = f"USER: {FORMATS[fmt]['image_token']}\nWhat is it? ASSISTANT: A lung </s>"
     assert reloaded(text).input_ids == tokenizer(text).input_ids
     assert (reloaded.pad_token, reloaded.bos_token, len(reloaded)) == (tokenizer.pad_token, "<s>", len(tokenizer))
-    assert tokenizer.convert_ids_to_tokens(tokenizer(text).input_ids)[9:11] == ["▁", "<0x0A>"]  # after the image token
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer(text).input_ids)
+    after_image = tokens[tokens.index(FORMATS[fmt]["image_token"]) + 1]
+    # v1.5: the legacy "▁" before the newline; v1: whitespace stripped around the token, as transformers 4.28 did
+    assert after_image == ("▁" if fmt == "v1.5" else "▁What")
 
 
 def test_wrong_vocab_size_raises(folders):

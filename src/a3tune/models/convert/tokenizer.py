@@ -139,6 +139,12 @@ def convert_tokenizer(source_dir: str | Path, *, vocab_size: int, image_token: s
             f"{vocab_size} rows (vocab_size); tokenizer and weights do not belong together"
         )
     _check_against_sentencepiece(tokenizer, sp, model_file)
+    # The v1 era (transformers 4.28) added these as plain strings, and its slow tokenizer stripped the
+    # whitespace on both sides of such tokens: "USER: <im_start>" and "<im_end>\nWhat" lost their
+    # space and newline. The same flags on the fast tokenizer give the same ids.
+    if added:
+        tokenizer.add_tokens([AddedToken(token, special=True, normalized=False, lstrip=True, rstrip=True)
+                              for token in added], special_tokens=True)  # fmt: skip
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token
     if image_token not in tokenizer.get_vocab():
