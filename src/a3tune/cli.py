@@ -14,35 +14,12 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import a3tune
+from a3tune.cli_types import json_list, json_object, optional_of
 from a3tune.models.convert import command as convert_command
 
 log = logging.getLogger("a3tune")
-
-
-def _json_of(kind: type, name: str) -> Callable[[str], Any]:
-    """An argparse type: JSON text that must decode to ``kind`` (a dict: "object", a list: "list")."""
-
-    def parse(text: str) -> Any:
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
-        if not isinstance(value, kind):
-            raise argparse.ArgumentTypeError(f"expected a JSON {name}")
-        return value
-
-    return parse
-
-
-_json_object = _json_of(dict, "object")
-_json_list = _json_of(list, "list")
-
-
-def _optional_float(text: str) -> float | None:
-    return None if text.strip().lower() in ("", "none", "null") else float(text)
 
 
 def _cmd_import(args: argparse.Namespace) -> None:
@@ -176,10 +153,6 @@ def _cmd_report(args: argparse.Namespace) -> None:
     log.info("report: %s", args.markdown)
 
 
-def _optional_int(text: str) -> int | None:
-    return None if text.strip().lower() in ("", "none", "null") else int(text)
-
-
 def rank_launch_command(ranks: int, argv: list[str]) -> list[str]:
     """``a3tune <argv>`` as ``ranks`` processes on this node under torchrun (this interpreter)."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
@@ -222,13 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, help="data set name written into samples.parquet")
     p.add_argument("--samples", required=True, type=Path, help="output samples.parquet")
     p.add_argument("--images", required=True, type=Path, help="output images.parquet")
-    p.add_argument("--options", type=_json_object, default={}, help="format options as a JSON object")
+    p.add_argument("--options", type=json_object, default={}, help="format options as a JSON object")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_import)
 
     p = sub.add_parser("phantom", help="generate the phantom benchmark's raw files")
     p.add_argument("--out", required=True, type=Path, help="output data root")
-    p.add_argument("--params", type=_json_object, default={}, help="generator parameters as a JSON object")
+    p.add_argument("--params", type=json_object, default={}, help="generator parameters as a JSON object")
     p.set_defaults(func=_cmd_phantom)
 
     p = sub.add_parser("sam_masks", help="SAM proposals for one shard of a data set's images")
@@ -239,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", required=True, help="SAM backend: vit_h, vit_l, vit_b, medsam, litemedsam, tiny")
     p.add_argument("--checkpoint", default="", help="local checkpoint path (empty: the backend's default)")
     p.add_argument("--seed", type=int, default=0, help="seed of a randomly initialised backend (tiny)")
-    p.add_argument("--params", type=_json_object, default={}, help="proposal generator parameters (JSON)")
+    p.add_argument("--params", type=json_object, default={}, help="proposal generator parameters (JSON)")
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--cache-dir", required=True, type=Path, help="proposal cache folder (by image hash)")
     p.add_argument("--store", required=True, type=Path, help="output shard Zarr store (masks)")
@@ -255,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo_clip", help="train the demo CLIP (stand-in for BiomedCLIP) on phantom crops")
     p.add_argument("--phantom-root", required=True, type=Path, help="phantom data root (a3tune phantom)")
     p.add_argument("--out", required=True, type=Path, help="output open_clip model folder")
-    p.add_argument("--params", type=_json_object, default={}, help="training parameters (JSON)")
+    p.add_argument("--params", type=json_object, default={}, help="training parameters (JSON)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_demo_clip)
 
@@ -266,9 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", required=True, type=Path, help="data root")
     p.add_argument("--clip", required=True, type=Path, help="local open_clip model folder (e.g. BiomedCLIP)")
     p.add_argument("--format", required=True, help="data set format, for the query templates")
-    p.add_argument("--grid", type=_json_object, default={}, help="grid projection (JSON: grid, input_size, ...)")
-    p.add_argument("--top-k", type=_json_object, default={}, help='masks kept per task (JSON: {"vqa": 8, ...})')
-    p.add_argument("--min-score", type=_optional_float, default=None, help="optional score threshold (empty: none)")
+    p.add_argument("--grid", type=json_object, default={}, help="grid projection (JSON: grid, input_size, ...)")
+    p.add_argument("--top-k", type=json_object, default={}, help='masks kept per task (JSON: {"vqa": 8, ...})')
+    p.add_argument("--min-score", type=optional_of(float), default=None, help="optional score threshold (empty: none)")
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--store", required=True, type=Path, help="output labels.zarr")
     p.add_argument("--table", required=True, type=Path, help="output labels.parquet")
@@ -288,15 +261,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", required=True, type=Path, help="samples.parquet")
     p.add_argument("--images", required=True, type=Path, help="images.parquet")
     p.add_argument("--root", required=True, type=Path, help="data root")
-    p.add_argument("--architecture", type=_json_object, default={}, help="model sizes (JSON, build_tiny_llava)")
-    p.add_argument("--training", type=_json_object, default={}, help="steps, batch_size, lr, ... (JSON)")
+    p.add_argument("--architecture", type=json_object, default={}, help="model sizes (JSON, build_tiny_llava)")
+    p.add_argument("--training", type=json_object, default={}, help="steps, batch_size, lr, ... (JSON)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the batches")
     p.add_argument("--out", required=True, type=Path, help="output model folder (Hugging Face format)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_demo_lvlm)
 
     p = sub.add_parser("probe_heads", help="rank every attention head by its attention on the image")
-    p.add_argument("--model", required=True, type=_json_object,
+    p.add_argument("--model", required=True, type=json_object,
                    help='the Med-LVLM (JSON): {"path": "/local/checkpoint"} or {"builder": "smollm2", ...}')
     p.add_argument("--samples", required=True, type=Path, help="samples.parquet")
     p.add_argument("--images", required=True, type=Path, help="images.parquet")
@@ -315,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_probe_heads)
 
     p = sub.add_parser("tune", help="train one run's adapters (A3Tune, the LoRA baseline or an ablation)")
-    p.add_argument("--model", required=True, type=_json_object, help='the base Med-LVLM (JSON): {"path": "/local/dir"}')
+    p.add_argument("--model", required=True, type=json_object, help='the base Med-LVLM (JSON): {"path": "/local/dir"}')
     p.add_argument("--samples", required=True, type=Path, help="samples.parquet")
     p.add_argument("--images", required=True, type=Path, help="images.parquet")
     p.add_argument("--labels", required=True, type=Path, help="labels folder (labels.parquet + labels.zarr)")
@@ -323,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=Path, default=None, help="the probe's heads.parquet (methods with static heads)")
     p.add_argument("--preset", required=True, help="data set preset: slake, vqarad, pathvqa, iu_xray, mimic_cxr, phantom")
     p.add_argument("--method", required=True, help="a3tune, lora, no_moe, all_heads or dynamic_heads")
-    p.add_argument("--overrides", type=_json_object, default={}, help="settings that replace the presets' (JSON)")
+    p.add_argument("--overrides", type=json_object, default={}, help="settings that replace the presets' (JSON)")
     p.add_argument("--seed", type=int, default=0, help="seed of the adapters' init and the sample order")
     p.add_argument("--checkpoints", required=True, type=Path, help="checkpoint folder (kept across reruns)")
     p.add_argument("--ranks", type=int, default=1, help="data-parallel ranks (one per GPU), launched with torchrun")
@@ -332,13 +305,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_tune)
 
     p = sub.add_parser("merge_adapter", help="fold a LoRA-only adapter into the base model: a standard HF checkpoint")
-    p.add_argument("--model", required=True, type=_json_object, help='the base Med-LVLM (JSON): {"path": "/local/dir"}')
+    p.add_argument("--model", required=True, type=json_object, help='the base Med-LVLM (JSON): {"path": "/local/dir"}')
     p.add_argument("--adapter", required=True, type=Path, help="adapter folder (runs/<method>/<ds>/seed-<n>/adapter)")
     p.add_argument("--out", required=True, type=Path, help="output model folder")
     p.set_defaults(func=_cmd_merge_adapter)
 
     p = sub.add_parser("score", help="answers, metrics and attention grounding of one model on a test shard")
-    p.add_argument("--model", required=True, type=_json_object, help='the base Med-LVLM (JSON): {"path": "/local/dir"}')
+    p.add_argument("--model", required=True, type=json_object, help='the base Med-LVLM (JSON): {"path": "/local/dir"}')
     p.add_argument("--adapter", default="", help="adapter folder of a tuned run (empty: the base model)")
     p.add_argument("--baseline", default="", help="inference-time baseline: pai or vcd (empty: none)")
     p.add_argument("--samples", required=True, type=Path, help="samples.parquet")
@@ -346,10 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", required=True, type=Path, help="labels folder (labels.parquet + labels.zarr)")
     p.add_argument("--root", required=True, type=Path, help="data root")
     p.add_argument("--heads", type=Path, default=None, help="heads.parquet: grounding over the selected heads")
-    p.add_argument("--decoding", type=_json_object, default={}, help="num_beams, max_new_tokens, stop (JSON)")
+    p.add_argument("--decoding", type=json_object, default={}, help="num_beams, max_new_tokens, stop (JSON)")
     p.add_argument("--split", default="test", help="split to score")
     p.add_argument("--batch-size", type=int, default=8, help="samples per batch")
-    p.add_argument("--limit", type=_optional_int, default=None, help="at most this many samples per shard")
+    p.add_argument("--limit", type=optional_of(int), default=None, help="at most this many samples per shard")
     p.add_argument("--shard", type=int, default=0, help="this shard, 0-based")
     p.add_argument("--shards", type=int, default=1, help="number of shards")
     p.add_argument("--out", required=True, type=Path, help="output shard table (Parquet)")
@@ -368,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table", required=True, type=Path, help="output summary.parquet")
     p.add_argument("--markdown", required=True, type=Path, help="output summary.md")
     p.add_argument("--figures", type=Path, default=None, help="output folder of figures")
-    p.add_argument("--overlays", type=_json_list, default=[], help="attention overlay settings per data set (JSON)")
+    p.add_argument("--overlays", type=json_list, default=[], help="attention overlay settings per data set (JSON)")
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("inspect", help="print an artifact's schema, counts, statuses and provenance")

@@ -6,15 +6,11 @@ import argparse
 import logging
 from pathlib import Path
 
+from a3tune.cli_types import optional_of
 from a3tune.models.convert.tokenizer import CHAT_MODES
 
 log = logging.getLogger("a3tune")
 FORMAT_NAMES = ("llava-med-v1.5", "llava-med-v1")  # converter.FORMATS (a test checks), without importing torch
-
-
-def _optional_path(text: str) -> Path | None:
-    """A path, or None for an empty value (how a rule passes an unset optional folder)."""
-    return Path(text) if text.strip() else None
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -34,9 +30,9 @@ def register(sub) -> None:
     p.add_argument("--format", required=True, choices=FORMAT_NAMES, help="layout of --source")
     p.add_argument("--source", required=True, type=Path, help="the downloaded checkpoint folder (v1: the delta)")
     p.add_argument("--out", required=True, type=Path, help="output HF Llava folder (written atomically)")
-    p.add_argument("--base", type=_optional_path, default=None,
+    p.add_argument("--base", type=optional_of(Path), default=None,
                    help="llava-med-v1 only: the local LLaMA-7B the delta is added to")
-    p.add_argument("--vision-tower", type=_optional_path, default=None,
+    p.add_argument("--vision-tower", type=optional_of(Path), default=None,
                    help="local CLIP folder of the tower the checkpoint names (config + preprocessor [+ weights]); "
                         "needed for v1, whose tower is not in the checkpoint")  # fmt: skip
     p.add_argument("--chat-template", choices=CHAT_MODES, default="vicuna_v1",
