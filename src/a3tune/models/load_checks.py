@@ -16,8 +16,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
-
 HF_ARCHITECTURE = "LlavaForConditionalGeneration"
 # Config fields of the original LLaVA code (llava_arch.py), which HF Llava configs never carry
 ORIGINAL_FIELDS = ("mm_vision_tower", "mm_projector_type", "mm_hidden_size")
@@ -103,20 +101,17 @@ def _origins(model: Any, listing: Path) -> dict[str, tuple[str, str]]:
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
-    files = [WEIGHTS]
-    if listing.name == WEIGHTS_INDEX:
-        # The shards the index names, read for the keys they really hold (not the keys the index claims)
-        files = sorted(set(json.loads(listing.read_text())["weight_map"].values()))
+    from a3tune.models.convert.tensor_source import TensorSource
+
     transforms = get_model_conversion_mapping(model)
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
     state = model.state_dict()
     origin = {}
-    for file in files:
-        with safe_open(listing.parent / file, "pt") as weights:
-            for key in weights.keys():
-                loaded, _ = rename_source_key(key, renamings, converters, model.base_model_prefix, state)
-                origin[loaded] = (key, file)
+    # The keys the shards really hold (not the keys an index claims), with their files
+    for key, info in TensorSource(listing.parent).info.items():
+        loaded, _ = rename_source_key(key, renamings, converters, model.base_model_prefix, state)
+        origin[loaded] = (key, info.file.name)
     return origin
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from transformers import (  # noqa: E402
     LlavaForConditionalGeneration,
     LlavaProcessor,
 )
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling  # noqa: E402
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil  # noqa: E402
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil  # noqa: E402
 
@@ -214,8 +215,16 @@ def tiny_vision_config(
     )
 
 
-def image_processor_for(preprocess: str, input_size: int) -> LlavaImageProcessorPil | CLIPImageProcessorPil:
-    """An image processor with the given geometry and plain CLIP mean/std, on the PIL backend.
+def image_processor_for(
+    preprocess: str,
+    input_size: int,
+    *,
+    image_mean: Sequence[float] = OPENAI_CLIP_MEAN,
+    image_std: Sequence[float] = OPENAI_CLIP_STD,
+    resample: int = PILImageResampling.BICUBIC,
+) -> LlavaImageProcessorPil | CLIPImageProcessorPil:
+    """An image processor with the given geometry (and CLIP's mean/std and bicubic resize by
+    default), on the PIL backend.
 
     ``pad``: LLaVA v1.5's pad to a centred square filled with the mean colour, then resize to P
     (``LlavaImageProcessorPil(do_pad=True)``; the centre crop after it is a no-op). ``crop``: resize
@@ -226,10 +235,12 @@ def image_processor_for(preprocess: str, input_size: int) -> LlavaImageProcessor
     """
     if preprocess not in PREPROCESSES:
         raise ValueError(f"preprocess {preprocess!r} is not one of {list(PREPROCESSES)}")
-    geometry = {"size": {"shortest_edge": input_size}, "crop_size": {"height": input_size, "width": input_size}}
+    settings = {"size": {"shortest_edge": input_size}, "crop_size": {"height": input_size, "width": input_size},
+                "image_mean": list(image_mean), "image_std": list(image_std), "resample": resample,
+                "do_center_crop": True}  # fmt: skip
     if preprocess == "pad":
-        return LlavaImageProcessorPil(do_pad=True, do_center_crop=True, **geometry)
-    return CLIPImageProcessorPil(do_center_crop=True, **geometry)
+        return LlavaImageProcessorPil(do_pad=True, **settings)
+    return CLIPImageProcessorPil(**settings)
 
 
 def compose_llava(

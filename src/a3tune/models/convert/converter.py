@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -162,13 +163,14 @@ def convert_model(
     dtype = plan.tensors["model.language_model.embed_tokens.weight"][2]
     config.dtype = text.dtype = str(dtype).removeprefix("torch.")
 
+    model_key = {names[k]: k for k in plan.tensors}
+
     def expect(disk_key: str, tensor: torch.Tensor) -> None:
         _, shape, want, origin = plan.tensors[model_key[disk_key]]
         if tuple(tensor.shape) != shape or tensor.dtype != want:
             raise ValueError(f"{origin}: read {tuple(tensor.shape)} {tensor.dtype}, its header said {shape} {want}")
 
-    model_key = {names[k]: k for k in plan.tensors}
-    shard_plan = [(names[k], _nbytes(shape, dt), produce) for k, (produce, shape, dt, _) in plan.tensors.items()]
+    shard_plan = [(names[k], math.prod(shape) * dt.itemsize, produce) for k, (produce, shape, dt, _) in plan.tensors.items()]
     template = chat_template(chat_mode, layout["image_block"])
     processor = _processor(tower, tokenizer, layout, template)
     inputs = {"source": source, **({"base": base} if base else {}), **({"vision_tower": vision_tower} if vision_tower else {})}
@@ -190,9 +192,3 @@ def convert_model(
              len(plan.dropped))  # fmt: skip
     return out
 
-
-def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    count = 1
-    for n in shape:
-        count *= n
-    return count * torch.empty(0, dtype=dtype).element_size()

@@ -17,11 +17,10 @@ from a3tune.compat import ensure_torchvision
 ensure_torchvision()
 
 from transformers import CLIPVisionConfig  # noqa: E402
-from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil  # noqa: E402
-from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil  # noqa: E402
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # noqa: E402
 
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from a3tune.models.lvlm import image_processor_for  # noqa: E402
+
 _CLIP_L = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                patch_size=14, projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5)  # fmt: skip
 BUILTIN_TOWERS = {
@@ -43,20 +42,11 @@ class Tower:
     folder: Path | None
 
     def image_processor(self, preprocess: str):
-        """LLaVA's preprocessing at the tower's input size, on PIL (the original's backend).
-
-        ``pad``: ``expand2square`` with the mean colour, then the CLIP processor (whose centre crop
-        is then a no-op); ``crop``: the CLIP processor (resize the short side, centre crop).
-        """
-        side = self.config.image_size
-        geometry = dict(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
-                        image_mean=list(self.image_mean), image_std=list(self.image_std), resample=self.resample,
-                        do_center_crop=True)  # fmt: skip
-        if preprocess == "pad":
-            return LlavaImageProcessorPil(do_pad=True, **geometry)
-        if preprocess == "crop":
-            return CLIPImageProcessorPil(**geometry)
-        raise ValueError(f"unknown preprocess {preprocess!r}")
+        """LLaVA's preprocessing at the tower's input size with the tower's numbers, on PIL (the
+        original's backend): ``pad`` is ``expand2square`` with the mean colour, then the CLIP
+        processor; ``crop`` the CLIP processor alone (resize the short side, centre crop)."""
+        return image_processor_for(preprocess, self.config.image_size, image_mean=self.image_mean,
+                                   image_std=self.image_std, resample=self.resample)  # fmt: skip
 
 
 def resolve_tower(name: str, folder: str | Path | None) -> Tower:
