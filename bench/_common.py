@@ -1,8 +1,10 @@
 """Shared by the benchmarks: phantom inputs with ground-truth labels, the reference's attention
-statistics from full probability maps, and a wall-time + peak-memory measurement."""
+statistics from full probability maps, and wall-time + peak-memory measurements (CPU: resident
+set high-water mark; CUDA: the caching allocator's peak)."""
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import tempfile
 import time
@@ -55,13 +57,67 @@ def captures_from_probabilities(attentions, image_index: torch.Tensor, labels: t
 
 def measure(run):
     """Result, wall time and peak resident memory above the level before the call (MB)."""
+    result, seconds, _, extra = measure_memory(run, torch.device("cpu"))
+    return result, seconds, extra
+
+
+def measure_memory(run, device: torch.device):
+    """Result, wall time, peak memory (MB) and its part above the level before the call (MB).
+
+    CPU: the resident set's high-water mark, reset through /proc/self/clear_refs after freeing
+    what the allocator holds (so the call's allocations touch fresh pages). CUDA: the peak of
+    ``torch.cuda.max_memory_allocated`` (tensors only, not the allocator's cache), synchronised.
+    """
     gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        started = time.perf_counter()
+        result = run()
+        torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - started
+        peak = torch.cuda.max_memory_allocated(device)
+        return result, seconds, peak / 2**20, (peak - before) / 2**20
+    _malloc_trim()
     Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
     before = _status_kb("VmRSS")
     started = time.perf_counter()
     result = run()
     seconds = time.perf_counter() - started
-    return result, seconds, (_status_kb("VmHWM") - before) / 1024
+    peak = _status_kb("VmHWM")
+    return result, seconds, peak / 1024, (peak - before) / 1024
+
+
+def tensor_peak(run, device: torch.device):
+    """Result and the peak of live tensor memory above the level before the call (MB): tensors only.
+
+    CUDA: ``max_memory_allocated``. CPU: the running sum of the allocations and frees the torch
+    profiler records (``profile_memory``), exact where the resident set moves by allocator noise.
+    """
+    if device.type == "cuda":
+        result, _, _, extra = measure_memory(run, device)
+        return result, extra
+    from torch.profiler import ProfilerActivity, profile
+
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = run()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    level = peak = 0
+    for event in events:
+        level += event.nbytes()
+        peak = max(peak, level)
+    return result, peak / 2**20
+
+
+def _malloc_trim() -> None:
+    """Hand glibc's free heap memory back to the system (elsewhere: nothing)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _status_kb(field: str) -> int:
@@ -69,5 +125,3 @@ def _status_kb(field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise RuntimeError(f"/proc/self/status has no {field}")
-
-

@@ -23,7 +23,7 @@ from a3tune.tune.adapters import (
     trainable_state_dict,
 )
 from a3tune.tune.lora import LoraLinear
-from a3tune.tune.moe import MoeKeyLinear, MoeQueryLinear, routing
+from a3tune.tune.moe import MoeQueryLinear, routing
 
 CORPUS = ["what organ is shown in the image", "is there a tumour in the left lung", "liver lung yes no"]
 HEAD_DIM = 8  # text_hidden 32 / 4 heads
@@ -127,34 +127,47 @@ def _effective(module: nn.Module) -> torch.Tensor:
 
 @pytest.mark.parametrize("qk", ["moe", "lora"])
 def test_static_heads_leave_unselected_rows_alone(one_thread, qk):
-    lvlm = _tiny()
+    lvlm = _tiny()  # 4 query heads, 2 key/value heads
     model, batch = lvlm.model, _batch(lvlm)
     base = {name: t.clone() for name, t in model.state_dict().items()}
     summary = apply_adapters(model, AdapterConfig(base_model="tiny", qk=qk, heads={0: (1,), 1: (0, 1)}))
-    assert (summary["q_heads_with_delta"], summary["kv_heads_with_delta"]) == (3, 1)
+    assert (summary["q_heads_adapted"], summary["k_heads_adapted"], summary["heads"]) == (3, 3, 8)
+    experts = (8, 16) if qk == "moe" else (0, 0)
+    assert summary["per_layer"] == {
+        "0": {"q_heads": 1, "k_heads": 1, "query_experts": experts[0], "key_experts": experts[1]},
+        "1": {"q_heads": 2, "k_heads": 2, "query_experts": experts[0], "key_experts": experts[1]},
+    }
     layers = model.model.language_model.layers
-    assert type(_q_k(layers[0])[1]) is nn.Linear  # head 1 alone shares KV head 0 with head 0: no k delta
+    # head 1 alone shares its key/value head with head 0: its key is scoped, one head_dim block per selected head
+    assert [_q_k(layer)[1].key_scope.heads for layer in layers] == [(1,), (0, 1)]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(3):
         loss = _loss(model, batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    selected = {(0, "q"): [1], (1, "q"): [0, 1], (1, "k"): [0]}  # k: KV heads
+    selected = {0: [1], 1: [0, 1]}
     for index, layer in enumerate(layers):
-        for side, module in zip("qk", _q_k(layer), strict=True):
-            if (index, side) not in selected:
-                assert type(module) is nn.Linear
-                continue
-            assert isinstance(module, LoraLinear | MoeQueryLinear | MoeKeyLinear)
+        q, k = _q_k(layer)
+        for side, module in (("q", q), ("k", k)):
             name = f"model.language_model.layers.{index}.self_attn.{side}_proj.weight"
             assert torch.equal(module.base_layer.weight, base[name])
-            rows = torch.zeros(module.base_layer.out_features, dtype=torch.bool)
-            for head in selected[index, side]:
-                rows[head * HEAD_DIM : (head + 1) * HEAD_DIM] = True
-            effective = _effective(module).detach()
-            assert torch.equal(effective[:, ~rows], base[name][~rows].expand_as(effective[:, ~rows]))
-            assert not torch.equal(effective[:, rows], base[name][rows].expand_as(effective[:, rows]))
+        rows = torch.zeros(q.base_layer.out_features, dtype=torch.bool)
+        for head in selected[index]:
+            rows[head * HEAD_DIM : (head + 1) * HEAD_DIM] = True
+        effective = _effective(q).detach()
+        name = f"model.language_model.layers.{index}.self_attn.q_proj.weight"
+        assert torch.equal(effective[:, ~rows], base[name][~rows].expand_as(effective[:, ~rows]))
+        assert not torch.equal(effective[:, rows], base[name][rows].expand_as(effective[:, rows]))
+        key_delta = k.delta_weight()
+        assert key_delta.shape[-2] == len(selected[index]) * HEAD_DIM and key_delta.abs().sum() > 0
+
+
+def test_adapters_that_would_be_empty_are_refused(one_thread):
+    with pytest.raises(ValueError, match="no language-model layer has a selected head"):
+        apply_adapters(_tiny().model, AdapterConfig(base_model="tiny", qk="moe", heads={}))
+    with pytest.raises(ValueError, match="no trainable parameter"):
+        apply_adapters(_tiny().model, AdapterConfig(base_model="tiny", qk="none", lora=LoraSpec(targets=())))
 
 
 @pytest.mark.parametrize("qk", ["moe", "lora"])
@@ -190,7 +203,7 @@ def test_load_refuses_pickles_and_mismatched_keys(one_thread, tmp_path):
 
 @pytest.mark.parametrize("qk", ["lora", "none"])
 def test_merge_gives_a_standard_checkpoint(one_thread, tmp_path, qk):
-    lvlm = _tiny()
+    lvlm = build_tiny_llava(corpus=CORPUS, text_hidden=32, text_layers=2, text_heads=4, kv_heads=4)  # row-masked keys
     batch = _batch(lvlm)
     apply_adapters(lvlm.model, AdapterConfig(base_model="tiny:0", qk=qk, lora=LoraSpec(rank=4), heads={1: (2, 3)}))
     _randomise_b(lvlm.model)
@@ -201,6 +214,14 @@ def test_merge_gives_a_standard_checkpoint(one_thread, tmp_path, qk):
     torch.testing.assert_close(merged, before, atol=1e-5, rtol=0)
     lvlm.save(tmp_path / "merged")
     torch.testing.assert_close(_logits(load_lvlm(tmp_path / "merged").model, batch), merged, atol=1e-6, rtol=0)
+
+
+def test_merge_refuses_head_scoped_keys(one_thread):
+    model = _tiny().model  # grouped-query attention: static keys are scoped per query head
+    apply_adapters(model, AdapterConfig(base_model="tiny", qk="lora", heads={1: (2, 3)}))
+    with pytest.raises(ValueError, match="cannot merge head-scoped keys.*layers.1.self_attn.k_proj"):
+        merge_lora(model)
+    assert isinstance(model.model.language_model.layers[1].self_attn.q_proj, LoraLinear)  # nothing changed
 
 
 def test_merge_refuses_routed_moe(one_thread):

@@ -256,7 +256,7 @@ def test_errors_name_what_is_missing():
         alignment_loss(captured, post, valid, variant="mse")
     late = {layer: LayerCapture(c.heads, c.image_share, c.inside, c.probabilities[:, :, 1:], row_start + 1)
             for layer, c in captured.items()}  # fmt: skip
-    with pytest.raises(ValueError, match="before row_start"):
+    with pytest.raises(ValueError, match="captured from row 7 on, after some post-image rows"):
         alignment_loss(late, post, valid, variant="kl", labels=labels)
     with pytest.raises(ValueError, match="selection covers layers"):
         alignment_loss(captured, post, valid, selection={0: torch.ones(B, H, dtype=torch.bool)})

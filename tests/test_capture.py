@@ -7,7 +7,9 @@ import threading
 import pytest
 import torch
 import transformers  # lazy: its model classes are reached after a3tune.models.capture made them importable
+from torch.nn.attention import SDPBackend
 
+from a3tune.models import capture as capture_module
 from a3tune.models.capture import (
     CAPTURE_ATTENTION,
     LayerCapture,
@@ -125,7 +127,8 @@ def _captured(model, batch, heads, probabilities: bool = True) -> dict[int, Laye
 def test_capture_equals_eager(one_thread, llava, padding, heads):
     batch = _batch(padding)
     row_start = _row_start(batch)
-    valid = batch["attention_mask"].bool()[:, None, :]  # (B, 1, N) query rows that are real tokens
+    valid = batch["attention_mask"].bool()[:, None, :].clone()  # (B, 1, N) query rows that are real tokens
+    valid[..., :row_start] = False  # the capture computes the rows from row_start on
     with torch.no_grad():
         captured = _captured(llava, batch, heads)
         attentions = _eager_attentions(llava, batch)
@@ -142,6 +145,44 @@ def test_capture_equals_eager(one_thread, llava, padding, heads):
         assert (capture.inside - inside).abs()[valid[:, :, None].expand_as(inside)].max() <= TOL
         block_valid = valid[:, :, row_start:, None].expand_as(block)
         assert (capture.probabilities - block).abs()[block_valid].max() <= TOL
+        assert not capture.image_share[..., :row_start].any() and not capture.inside[..., :row_start].any()
+
+
+FUSED = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+
+
+@pytest.mark.parametrize("padding", ["right", "left", "none"])
+def test_a_fused_kernel_accepts_the_capture_call(one_thread, llava, monkeypatch, padding):
+    """DESIGN §4.2: with the post-image rows only, an explicit boolean mask and value channels padded
+    to the head dim, a fused SDPA backend takes the call (torch raises if none of them does)."""
+    batch = _batch("right" if padding == "none" else padding)
+    if padding == "none":  # one unpadded sample: the layer has no mask, the capture writes the causal one
+        batch = {name: value[:1] for name, value in batch.items()}
+    with torch.no_grad():
+        default = _captured(llava, batch, "all")
+        monkeypatch.setattr(capture_module, "CAPTURE_SDPA_BACKENDS", FUSED)
+        fused = _captured(llava, batch, "all")
+    for layer, cap in default.items():
+        torch.testing.assert_close(fused[layer].image_share, cap.image_share, rtol=0, atol=1e-6)
+        torch.testing.assert_close(fused[layer].inside, cap.inside, rtol=0, atol=1e-6)
+
+
+def test_bf16_statistics_are_close_to_fp32(one_thread):
+    """The capture runs in the model's dtype: in bf16 (float32 accumulation, bf16 output) the
+    inside-mass loss of random post-image rows stays within 1 % of the float32 computation."""
+    gen = torch.Generator().manual_seed(0)
+    batch, heads, length, rows, head_dim, n_img = 2, 4, 300, 60, 64, 144
+    q = torch.randn(batch, heads, rows, head_dim, generator=gen)
+    k = torch.randn(batch, heads, length, head_dim, generator=gen)
+    image_index = (torch.arange(n_img) + 20).expand(batch, -1)
+    labels = (torch.rand(batch, 3, n_img, generator=gen) > 0.6).float()
+    channels = capture_module._indicator_values(image_index, labels, length)
+    mask = capture_module._row_mask(None, length - rows, length, True, q.device)
+    losses = []
+    for dtype in (torch.float32, torch.bfloat16):
+        sums = capture_module._indicator_attention(q.to(dtype), k.to(dtype), channels, mask, head_dim**-0.5)
+        losses.append(((1 - sums[..., 1:] / sums[..., :1].clamp_min(1e-8)) ** 2).mean())
+    assert abs(losses[1] - losses[0]) / losses[0] < 1e-2, losses
 
 
 def test_logits_equal_sdpa(one_thread, llava):

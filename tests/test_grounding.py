@@ -1,15 +1,19 @@
-"""Attention grounding: shares against eager attention probabilities, and the pointing game."""
+"""Attention grounding: shares against eager attention probabilities, and the pointing game, on the
+probe's heads and the run's own heads from one forward pass."""
 
 from __future__ import annotations
 
 import numpy as np
+import polars as pl
 import pytest
 import torch
+from polars.testing import assert_frame_equal
 
 from a3tune.models.capture import LayerCapture
 from a3tune.models.layout import encode_batch
 from a3tune.models.lvlm import build_tiny_llava
-from a3tune.score.grounding import grounding_scores, grounding_table
+from a3tune.score.grounding import grounding_scores, grounding_table, head_subset
+from a3tune.score.score_stage import PROBE_GROUNDING_COLUMNS as COLUMNS
 
 CORPUS = ["is there a lesion in the liver", "yes no", "which organ is bright", "the spleen"]
 
@@ -52,23 +56,70 @@ def eager_case():
     return lvlm, batch, label, gt, attentions
 
 
+def _check(table: pl.DataFrame, expected: list[dict], gt: torch.Tensor, prefix: str = "") -> None:
+    """The ``prefix`` columns of ``table`` against ``_expected``'s statistics."""
+    assert table.height == len(expected)
+    for row, want in zip(table.iter_rows(named=True), expected, strict=True):
+        assert row[prefix + "image_share"] == pytest.approx(want["image_share"], abs=1e-5)
+        for name in ("inside_label", "inside_gt"):
+            assert (row[prefix + name] is None) == (want[name] is None)
+            if want[name] is not None:
+                assert row[prefix + name] == pytest.approx(want[name], abs=1e-5)
+        np.testing.assert_allclose(row[prefix + "attention_map"], want["attention_map"].numpy(), atol=1e-5)
+    # The pointing game, from the eager map's peak: sample 2 has no ground-truth mask.
+    want_hits = [bool(gt[b, 0, int(w["attention_map"].argmax())] >= 0.5) for b, w in enumerate(expected[:2])]
+    assert table[prefix + "pointing_hit"].to_list() == [*want_hits, None]
+
+
 @pytest.mark.parametrize("heads", [None, {0: [1, 3], 1: [0]}])
 def test_shares_match_eager_attention(eager_case, heads, one_thread):
     lvlm, batch, label, gt, attentions = eager_case
     assert len(attentions) == 2 and attentions[0].shape[1] == 4
     table = grounding_scores(lvlm, batch, {"label": label, "gt": gt}, heads)
-    expected = _expected(attentions, batch, label, gt, heads)
-    assert table.height == 3
-    for row, want in zip(table.iter_rows(named=True), expected, strict=True):
-        assert row["image_share"] == pytest.approx(want["image_share"], abs=1e-5)
-        for name in ("inside_label", "inside_gt"):
-            assert (row[name] is None) == (want[name] is None)
-            if want[name] is not None:
-                assert row[name] == pytest.approx(want[name], abs=1e-5)
-        np.testing.assert_allclose(row["attention_map"], want["attention_map"].numpy(), atol=1e-5)
-    # The pointing game, from the eager map's peak: sample 2 has no ground-truth mask.
-    want_hits = [bool(gt[b, 0, int(w["attention_map"].argmax())] >= 0.5) for b, w in enumerate(expected[:2])]
-    assert table["pointing_hit"].to_list() == [*want_hits, None]
+    _check(table, _expected(attentions, batch, label, gt, heads), gt)
+    # Without own heads (the base model) the own_ columns are every head's
+    _check(table, _expected(attentions, batch, label, gt, None), gt, prefix="own_")
+
+
+def test_probe_and_own_heads_from_one_forward_pass(eager_case, one_thread):
+    lvlm, batch, label, gt, attentions = eager_case
+    maps = {"label": label, "gt": gt}
+    probe, own = {0: [1, 3], 1: [0]}, {0: [0, 1], 1: [2]}  # head 1 of layer 0 is in both
+    passes = []
+    hook = lvlm.model.register_forward_hook(lambda *_: passes.append(1))
+    try:
+        table = grounding_scores(lvlm, batch, maps, probe, own)
+    finally:
+        hook.remove()
+    assert len(passes) == 1
+    assert table.columns == [*COLUMNS, *(f"own_{c}" for c in COLUMNS)]
+    _check(table, _expected(attentions, batch, label, gt, probe), gt)
+    _check(table, _expected(attentions, batch, label, gt, own), gt, prefix="own_")
+    # Other heads, other numbers: an adapter's own heads are not scored on the probe's
+    assert not np.allclose(table["own_image_share"].to_numpy(), table["image_share"].to_numpy(), atol=1e-4)
+    # Equal sets (in any order) share one table
+    same = grounding_scores(lvlm, batch, maps, probe, {1: [0], 0: [3, 1]})
+    assert_frame_equal(same.select(f"own_{c}" for c in COLUMNS).rename(lambda c: c[4:]), same.select(COLUMNS))
+    assert_frame_equal(same.select(COLUMNS), table.select(COLUMNS))
+
+
+def test_own_set_of_an_all_heads_adapter_equals_every_head(eager_case, one_thread):
+    lvlm, batch, label, gt, _ = eager_case
+    maps = {"label": label, "gt": gt}
+    table = grounding_scores(lvlm, batch, maps, {0: [1, 3], 1: [0]}, None)
+    every = grounding_scores(lvlm, batch, maps, None)
+    assert_frame_equal(table.select(f"own_{c}" for c in COLUMNS).rename(lambda c: c[4:]), every.select(COLUMNS))
+    assert not np.allclose(table["image_share"].to_numpy(), every["image_share"].to_numpy(), atol=1e-4)
+
+
+def test_head_subset_keeps_the_named_columns():
+    cap = LayerCapture(heads=torch.tensor([0, 2, 3]), image_share=torch.arange(12.0).reshape(1, 3, 4), inside=None,
+                       probabilities=torch.arange(6.0).reshape(1, 3, 1, 2), row_start=3)  # fmt: skip
+    subset = head_subset({0: cap, 1: cap}, {0: [3, 0], 1: [1], 5: [0]})
+    assert list(subset) == [0]  # layer 1 has none of its heads captured, layer 5 is not in the capture
+    assert subset[0].heads.tolist() == [0, 3] and subset[0].image_share[0, :, 0].tolist() == [0.0, 8.0]
+    assert subset[0].probabilities[0, :, 0].tolist() == [[0.0, 1.0], [4.0, 5.0]] and subset[0].row_start == 3
+    assert head_subset({0: cap}, None)[0] is cap
 
 
 def test_missing_maps_give_nulls(eager_case, one_thread):

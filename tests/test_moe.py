@@ -104,20 +104,29 @@ def test_key_experts_only_at_image_positions(one_thread):
 
 
 @pytest.mark.parametrize("reference", [False, True])
-def test_key_gates_scale_unless_reference(one_thread, reference):
+def test_key_gates_are_straight_through_unless_reference(one_thread, reference):
+    """DESIGN §4.4: a chosen expert's output enters with weight 1; the router's gradient is that of
+    Σ_chosen p_e·E_e(x). The reference: ungated, only the highest chosen index, no router gradient."""
     biases = [0.0, 1.0, 2.0]
     layer = _key_layer(biases, top_k=2, reference=reference)
-    p = torch.softmax(torch.tensor(biases), -1)
     x = torch.randn(2, N, IN)
     with routing(SPAN, IMAGE):
         out = layer(x)
     image_x = x[torch.arange(2)[:, None], IMAGE]
-    if reference:  # ungated, and of the chosen experts {1, 2} only the highest index survives
-        delta = _expert_delta(layer, image_x, 2)
-    else:
-        delta = p[2] * _expert_delta(layer, image_x, 2) + p[1] * _expert_delta(layer, image_x, 1)
-    expected = layer.base_layer(image_x) + delta
+    chosen = [2] if reference else [2, 1]  # top-2 of the biases; the reference keeps the highest index only
+    expected = layer.base_layer(image_x) + sum(_expert_delta(layer, image_x, e) for e in chosen)
     torch.testing.assert_close(out[torch.arange(2)[:, None], IMAGE], expected, atol=1e-5, rtol=1e-5)
+
+    out.sum().backward()
+    if reference:
+        assert layer.router.bias.grad is None or not layer.router.bias.grad.any()
+        return
+    bias = torch.tensor(biases, requires_grad=True)
+    p = torch.softmax(bias, -1)
+    sums = torch.stack([_expert_delta(layer, image_x, e).sum() for e in range(3)]).detach()
+    (p[1] * sums[1] + p[2] * sums[2]).backward()
+    torch.testing.assert_close(layer.router.bias.grad, bias.grad, atol=1e-4, rtol=1e-4)
+    assert bias.grad.abs().sum() > 0
 
 
 def test_balance_loss_and_entropy_by_hand(one_thread):

@@ -7,11 +7,13 @@ import json
 
 import polars as pl
 import pytest
+import torch
 from fixtures_lvlm import write_lvlm_inputs
 
-from a3tune.io.parquet import read_parquet
-from a3tune.io.provenance import read_provenance
-from a3tune.score.score_stage import gather, score_shard
+from a3tune.io.parquet import read_parquet, write_parquet
+from a3tune.io.provenance import Provenance, read_provenance
+from a3tune.score.score_stage import GROUNDING_COLUMNS, PROBE_GROUNDING_COLUMNS, gather, own_heads, score_shard
+from a3tune.tune.adapter_config import AdapterConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -46,6 +48,13 @@ def test_shards_gather_into_predictions_attention_and_metrics(inputs, tmp_path):
     assert saved["metrics"]["n"] == test.height == metrics["n"]
     assert {"closed", "open"} <= set(saved["metrics"]["vqa"]) and "bleu_4" in saved["metrics"]["report"]
     assert 0 <= saved["metrics"]["grounding"]["pointing_hit"] <= 1
+    # No probe heads and no adapter: both head sets are every head, the own_ columns repeat the others
+    assert attention.columns == ["sample_id", "answer_type", "organ", *GROUNDING_COLUMNS]
+    own = attention.select(pl.col(f"own_{c}").alias(c) for c in PROBE_GROUNDING_COLUMNS)
+    assert own.equals(attention.select(PROBE_GROUNDING_COLUMNS))
+    grounding = saved["metrics"]["grounding"]
+    assert set(grounding) == {c for c in GROUNDING_COLUMNS if not c.endswith("attention_map")}
+    assert grounding["own_inside_gt"] == grounding["inside_gt"]
     assert read_provenance(tmp_path / "out" / "predictions.parquet").stage == "score_gather"
     # score.meteor: false leaves METEOR out whether or not Java is on PATH (the CLI's --meteor no)
     from a3tune.cli import main
@@ -66,3 +75,42 @@ def test_baselines_decode_greedily(inputs, tmp_path, baseline):
 def test_unknown_baseline_is_refused(inputs, tmp_path):
     with pytest.raises(ValueError, match="unknown baseline 'dola'"):
         _shard(inputs, tmp_path / "x.parquet", 0, 1, baseline="dola")
+
+
+def _adapter(path, **settings) -> str:
+    """An adapter_config.json alone: all that own_heads reads."""
+    path.mkdir()
+    (path / "adapter_config.json").write_text(AdapterConfig(base_model="m", **settings).to_json())
+    return str(path)
+
+
+def test_own_heads_are_the_heads_whose_qk_the_adapter_changed(tmp_path):
+    assert own_heads(_adapter(tmp_path / "static", qk="moe", heads={1: [3, 2], 0: [0]})) == {0: (0,), 1: (2, 3)}
+    assert own_heads(_adapter(tmp_path / "all", qk="lora")) is None  # every head's q/k (plain LoRA, all_heads)
+    assert own_heads(_adapter(tmp_path / "no-qk", qk="none", heads={0: [1]})) is None  # no q/k adapter
+    assert own_heads(None) is None and own_heads("") is None  # the base model
+
+
+def test_a_static_adapter_is_scored_on_its_own_heads_too(inputs, tmp_path):
+    from a3tune.models.registry import lvlm_from_config
+    from a3tune.tune.adapters import apply_adapters, save_adapter
+
+    heads = pl.DataFrame({"layer": [0] * 4 + [1] * 4, "head": [0, 1, 2, 3] * 2, "score": [0.5] * 8, "inside_score": [0.5] * 8,
+                          "rank": list(range(1, 9)), "selected": [True, True] + [False] * 6},
+                         schema_overrides={"layer": pl.Int32, "head": pl.Int32, "rank": pl.Int32})  # fmt: skip
+    write_parquet(heads, tmp_path / "heads.parquet", Provenance(stage="probe_heads"), contract="heads")
+    lvlm = lvlm_from_config({"path": str(inputs / "model")})
+    config = AdapterConfig(base_model="m", qk="lora", heads={1: (2, 3)})  # other heads than the probe's layer 0 pair
+    apply_adapters(lvlm.model, config)
+    with torch.no_grad():
+        for name, parameter in lvlm.model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.3, generator=torch.Generator().manual_seed(0))
+    save_adapter(lvlm.model, config, tmp_path / "adapter")
+    table = _shard(inputs, tmp_path / "shard.parquet", 0, 1, adapter=tmp_path / "adapter",
+                   heads_path=tmp_path / "heads.parquet", limit=2)  # fmt: skip
+    for column in ("image_share", "inside_gt"):
+        assert table[f"own_{column}"].is_not_null().all()
+        assert (table[f"own_{column}"] - table[column]).abs().min() > 1e-6  # layer 1's heads 2-3, not layer 0's 0-1
+    metrics = gather([tmp_path / "shard.parquet"], tmp_path / "out", meteor=False)
+    assert metrics["grounding"]["own_image_share"] == pytest.approx(table["own_image_share"].mean())

@@ -18,6 +18,7 @@ from pathlib import Path
 import a3tune
 from a3tune.cli_types import json_list, json_object, optional_of
 from a3tune.models.convert import command as convert_command
+from a3tune.tune.settings import BACKBONES
 
 log = logging.getLogger("a3tune")
 
@@ -114,7 +115,7 @@ def _cmd_tune(args: argparse.Namespace) -> None:
     run_tune(
         args.model, args.samples, args.images, args.labels, args.root, args.out, args.checkpoints,
         preset=args.preset, method=args.method, heads_path=args.heads, overrides=args.overrides, seed=args.seed,
-        progress=not args.no_progress,
+        backbone=args.backbone, progress=not args.no_progress,
     )  # fmt: skip
 
 
@@ -297,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", required=True, help="data set preset: slake, vqarad, pathvqa, iu_xray, mimic_cxr, phantom")
     p.add_argument("--method", required=True, help="a3tune, lora, no_moe, all_heads or dynamic_heads")
     p.add_argument("--overrides", type=json_object, default={}, help="settings that replace the presets' (JSON)")
+    p.add_argument("--backbone", default="auto", choices=("auto", *BACKBONES),
+                   help="whose preset numbers to use; auto: from the model's config (mistral: v1.5, llama: v1)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of the adapters' init and the sample order")
     p.add_argument("--checkpoints", required=True, type=Path, help="checkpoint folder (kept across reruns)")
     p.add_argument("--ranks", type=int, default=1, help="data-parallel ranks (one per GPU), launched with torchrun")

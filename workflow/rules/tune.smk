@@ -19,6 +19,7 @@ rule tune:
         labels=lambda wildcards: f"labels/{wildcards.ds}",
         preset=tune_preset,
         overrides=json.dumps(TUNE.get("overrides", {}), sort_keys=True),
+        backbone=TUNE.get("backbone", "auto"),
         run=lambda wildcards: f"runs/{wildcards.method}/{wildcards.ds}/seed-{wildcards.seed}",
         checkpoints=lambda wildcards: f"{config['cache_dir']}/tune/{wildcards.method}/{wildcards.ds}/seed-{wildcards.seed}",
         # One rank per GPU the job was given (profiles/slurm: set-resources tune gpu), or the `ranks`
@@ -35,5 +36,6 @@ rule tune:
     shell:
         "a3tune tune --model {params.model:q} --samples {input.samples:q} --images {input.images:q}"
         " --labels {params.labels:q} --root {input.root:q} --heads {input.heads:q} --preset {params.preset:q}"
-        " --method {wildcards.method:q} --overrides {params.overrides:q} --seed {wildcards.seed:q}"
+        " --method {wildcards.method:q} --overrides {params.overrides:q} --backbone {params.backbone:q}"
+        " --seed {wildcards.seed:q}"
         " --checkpoints {params.checkpoints:q} --ranks {params.ranks:q} --out {params.run:q} > {log:q} 2>&1"

@@ -22,14 +22,21 @@ also registered in ``AttentionMaskInterface`` with SDPA's mask builder, so the f
 exactly what SDPA receives: ``None`` (plain causal, use ``is_causal``) or a boolean
 (B, 1, N, N) mask, True = attend.
 
-The optional probabilities for a KL loss are the post-image rows × image columns block of the
-selected heads, computed from those rows' logits only (never N×N for all rows).
+Cost (DESIGN §4.2): only the rows ``row_start``.. are computed (the caller passes the first
+post-image row; earlier rows of ``image_share``/``inside`` are zeros), with an explicit boolean
+mask for them, in the model's dtype, and with the indicator channels zero-padded to the head dim,
+so a fused kernel (flash attention, on CPU and CUDA) takes the call: memory grows linearly with
+the sequence length. The kernel accumulates in float32 and rounds its output to the model's dtype:
+in bf16 the statistics keep about three significant digits, which the tests bound for the loss.
+They ignore attention dropout (they describe the attention distribution itself). A row that sees
+no key at all gets zeros.
 
-The statistics are computed in float32 whatever the model's dtype (the indicator channels sum
-probabilities, bf16 would keep three digits of them) and ignore attention dropout: they describe
-the attention distribution itself. A query row that sees no key at all (left padding) gets zeros
-in ``image_share``/``inside`` and uniform probabilities, as eager attention does; callers drop
-those rows.
+The optional probabilities for a KL loss are the rows × image columns block of the selected
+heads, from the image columns' logits only (the softmax over the image columns, times the row's
+image share, is the full softmax there), never rows × N.
+
+Grouped-query layers with head-scoped keys (``a3tune.models.key_scope``) give each query head its
+own key, in the layer output and in the capture alike.
 """
 
 from __future__ import annotations
@@ -42,8 +49,10 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from a3tune.compat import ensure_torchvision
+from a3tune.context_value import bound
 
 ensure_torchvision()  # importing transformers' modeling code imports torchvision
 
@@ -51,7 +60,12 @@ from transformers import AttentionInterface  # noqa: E402
 from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
 
+from a3tune.models.key_scope import scoped_attention_inputs  # noqa: E402
+
 CAPTURE_ATTENTION = "a3tune_capture"
+# The SDPA backends the capture's own call may use; None lets torch choose (a test and
+# bench/gpu_check.sh set fused backends only, to prove one of them accepts the call).
+CAPTURE_SDPA_BACKENDS: list[SDPBackend] | None = None
 
 
 @dataclasses.dataclass
@@ -131,7 +145,7 @@ def capture_attention(
         row_start=_check_row_start(row_start),
         results={},
     )
-    with _active(request):
+    with bound(_REQUEST, request):
         yield request.results
 
 
@@ -144,16 +158,7 @@ def checkpoint_context() -> tuple[contextlib.AbstractContextManager, contextlib.
     This hands the recompute the request that was active at the original forward. Use:
     ``model.activation_checkpointing_enable({"use_reentrant": False, "context_fn": checkpoint_context})``.
     """
-    return contextlib.nullcontext(), _active(_REQUEST.get())
-
-
-@contextlib.contextmanager
-def _active(request: _Request | None) -> Iterator[None]:
-    token = _REQUEST.set(request)
-    try:
-        yield
-    finally:
-        _REQUEST.reset(token)
+    return contextlib.nullcontext(), bound(_REQUEST, _REQUEST.get())
 
 
 def _head_tensors(heads: Mapping[int, Sequence[int]] | Literal["all"]) -> dict[int, Tensor] | None:
@@ -209,8 +214,9 @@ def capture_attention_forward(
     **kwargs,
 ) -> tuple[Tensor, None]:
     """SDPA for the layer output; while a capture block is active, also the selected heads' statistics."""
+    attending, key, value = scoped_attention_inputs(module, key, value)
     output = sdpa_attention_forward(
-        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        attending, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
     )
     request = _REQUEST.get()
     if request is not None:
@@ -218,9 +224,8 @@ def capture_attention_forward(
         heads = _layer_heads(request, layer, query.shape[1])
         if heads is not None:
             is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-            request.results[layer] = _capture_layer(
-                request, module, heads, query, key, attention_mask, scaling, is_causal
-            )
+            groups = getattr(attending, "num_key_value_groups", 1)
+            request.results[layer] = _capture_layer(request, heads, query, key, groups, attention_mask, scaling, is_causal)
     return output
 
 
@@ -235,46 +240,81 @@ def _layer_heads(request: _Request, layer: int, num_heads: int) -> Tensor | None
 
 def _capture_layer(
     request: _Request,
-    module: torch.nn.Module,
     heads: Tensor,
     query: Tensor,
     key: Tensor,
+    groups: int,
     attention_mask: Tensor | None,
     scaling: float | None,
     is_causal: bool,
 ) -> LayerCapture:
-    batch, _, q_length, head_dim = query.shape
-    if key.shape[2] != q_length:
+    batch, _, length, head_dim = query.shape
+    if key.shape[2] != length:
         raise RuntimeError(
-            f"attention capture needs a full-sequence forward (query length {q_length} != key length "
+            f"attention capture needs a full-sequence forward (query length {length} != key length "
             f"{key.shape[2]}): run it without a filled cache (use_cache=False)"
         )
     if request.image_index.shape[0] != batch:
         raise ValueError(f"image_index has batch {request.image_index.shape[0]}, the forward pass has {batch}")
+    row_start = request.row_start
+    if row_start >= length:
+        raise ValueError(f"row_start {row_start} is not a row of a sequence of length {length}")
     heads = heads.to(query.device)
-    groups = getattr(module, "num_key_value_groups", 1)
-    q = query[:, heads].float()
-    k = key[:, heads // groups].float()
+    q = query[:, heads, row_start:]  # (B, h, R, D): the supervised rows only
+    k = key[:, heads // groups]
     scale = scaling if scaling is not None else head_dim**-0.5
-    mask = _float_mask(attention_mask)
-    causal = attention_mask is None and is_causal and q_length > 1
-
     image_index = request.image_index.to(query.device)
-    channels = _indicator_values(image_index, request.labels, q_length)  # (B, N, 1 + k)
-    values = channels[:, None].expand(-1, len(heads), -1, -1)
-    sums = torch.nn.functional.scaled_dot_product_attention(q, k, values, attn_mask=mask, scale=scale, is_causal=causal)
+    mask = _row_mask(attention_mask, row_start, length, is_causal, query.device)  # (B | 1, 1, R, N)
+
+    channels = _indicator_values(image_index, request.labels, length)  # (B, N, 1 + k)
+    sums = _indicator_attention(q, k, channels, mask, scale)  # (B, h, R, 1 + k) float32
+    sums = torch.nn.functional.pad(sums, (0, 0, row_start, 0))  # rows before row_start: zeros
     inside = sums[..., 1:].transpose(-1, -2) if request.labels is not None else None
     probabilities = None
     if request.probabilities:
-        probabilities = _image_probabilities(q, k, mask, causal, scale, image_index, request.row_start)
-    return LayerCapture(heads, sums[..., 0], inside, probabilities, request.row_start)
+        probabilities = _image_probabilities(q, k, mask, scale, image_index, sums[:, :, row_start:, 0])
+    return LayerCapture(heads, sums[..., 0], inside, probabilities, row_start)
 
 
-def _float_mask(attention_mask: Tensor | None) -> Tensor | None:
-    """The layer's mask in float32 (boolean True = attend; a float mask is already additive)."""
-    if attention_mask is None or attention_mask.dtype == torch.bool:
-        return attention_mask
-    return attention_mask.float()
+def _row_mask(attention_mask: Tensor | None, row_start: int, length: int, is_causal: bool, device) -> Tensor | None:
+    """The layer's mask restricted to the query rows row_start..: boolean (True = attend) or additive float.
+
+    A layer without a mask attends causally (or to everything); a subset of query rows cannot use
+    SDPA's ``is_causal`` (it aligns the diagonal top-left), so the causal pattern is written out.
+    """
+    if attention_mask is not None:
+        return attention_mask[..., row_start:, :]
+    if not is_causal:
+        return None
+    rows = torch.arange(row_start, length, device=device)
+    return (rows[:, None] >= torch.arange(length, device=device)[None, :])[None, None]
+
+
+def _indicator_attention(q: Tensor, k: Tensor, channels: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+    """``A·channels`` for the rows of ``q``: one SDPA call per head_dim-wide chunk of channels, in q's dtype.
+
+    The value channels are zero-padded to the head dim because fused kernels (flash attention on
+    CPU and CUDA) need value, query and key head dims equal; flash keeps O(rows) memory and
+    recomputes the probabilities in backward. Returns (B, h, R, C) float32.
+    """
+    batch, heads, _, head_dim = q.shape
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.to(q.dtype)
+    outputs = []
+    for chunk in channels.split(head_dim, dim=-1):
+        values = torch.nn.functional.pad(chunk.to(q.dtype), (0, head_dim - chunk.shape[-1]))
+        values = values[:, None].expand(batch, heads, -1, -1)
+        with _backends():
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, values, attn_mask=mask, scale=scale)
+        outputs.append(out[..., : chunk.shape[-1]].float())
+    return torch.cat(outputs, dim=-1)
+
+
+def _backends() -> contextlib.AbstractContextManager:
+    """The SDPA backends the capture may use: :data:`CAPTURE_SDPA_BACKENDS`, or torch's own choice (None)."""
+    if CAPTURE_SDPA_BACKENDS is None:
+        return contextlib.nullcontext()
+    return sdpa_kernel(CAPTURE_SDPA_BACKENDS)
 
 
 def _indicator_values(image_index: Tensor, labels: Tensor | None, length: int) -> Tensor:
@@ -291,25 +331,23 @@ def _indicator_values(image_index: Tensor, labels: Tensor | None, length: int) -
 
 
 def _image_probabilities(
-    q: Tensor, k: Tensor, mask: Tensor | None, causal: bool, scale: float, image_index: Tensor, row_start: int
+    q: Tensor, k: Tensor, mask: Tensor | None, scale: float, image_index: Tensor, image_share: Tensor
 ) -> Tensor:
-    """Softmax of rows row_start.. only, gathered at the image columns: (B, h, N - row_start, n_img)."""
-    length = k.shape[2]
-    if row_start >= length:
-        raise ValueError(f"row_start {row_start} is not a row of a sequence of length {length}")
-    logits = (q[:, :, row_start:] @ k.transpose(-1, -2)) * scale
-    if causal:
-        rows = torch.arange(row_start, length, device=q.device)
-        mask = rows[:, None] >= torch.arange(length, device=q.device)[None, :]
-    elif mask is not None:
-        mask = mask[..., row_start:, :]
-    if mask is not None and mask.dtype == torch.bool:
-        logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
-    elif mask is not None:
-        logits = logits + mask
-    probabilities = logits.softmax(dim=-1)
-    columns = image_index[:, None, None, :].expand(-1, q.shape[1], length - row_start, -1)
-    return probabilities.gather(-1, columns)
+    """A[t, image] for the rows of ``q``: (B, h, R, n_img), from the image columns' logits only.
+
+    ``A[t, j] = softmax over the image columns of the logits, times the row's image share`` (the
+    full softmax's normaliser cancels), so no row × all-columns block is ever built.
+    """
+    batch, heads, rows, head_dim = q.shape
+    columns = image_index[:, None, :, None].expand(batch, heads, -1, head_dim)
+    logits = (q.float() @ k.gather(2, columns).float().transpose(-1, -2)) * scale  # (B, h, R, n_img)
+    if mask is not None:
+        mask = mask.expand(batch, -1, rows, -1).gather(3, image_index[:, None, None, :].expand(-1, mask.shape[1], rows, -1))
+        if mask.dtype == torch.bool:
+            logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
+        else:
+            logits = logits + mask.float()
+    return logits.softmax(dim=-1) * image_share[..., None]
 
 
 AttentionInterface.register(CAPTURE_ATTENTION, capture_attention_forward)

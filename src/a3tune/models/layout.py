@@ -41,6 +41,23 @@ class Batch:
     post_image: torch.Tensor  # (B, N) bool: real positions after the last image token (query rows R)
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its eos token; ValueError without either."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise ValueError("tokenizer has no usable pad (or eos) token to pad the batch with")
+    return int(pad_id)
+
+
+def first_post_image_row(post_image: torch.Tensor) -> int:
+    """The earliest post-image row any sample of the batch has (``Batch.post_image``, (B, N)): where
+    a block of query rows that covers every sample's rows R can start. ValueError when no sample has one."""
+    rows = post_image.any(dim=0).nonzero()
+    if rows.numel() == 0:
+        raise ValueError("no sample of the batch has tokens after its image")
+    return int(rows[0, 0])
+
+
 def _messages(question: str, answer: str | None) -> list[dict]:
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     if answer is not None:
@@ -139,9 +156,9 @@ def encode_batch(
             f"{'no' if answers is None else len(answers)} answers"
         )
     tokenizer = lvlm.processor.tokenizer
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None or pad_id == lvlm.image_token_id:
-        raise ValueError("tokenizer has no usable pad (or eos) token to pad the batch with")
+    pad_id = pad_token_id(tokenizer)
+    if pad_id == lvlm.image_token_id:
+        raise ValueError("tokenizer has no usable pad (or eos) token to pad the batch with: it is the image token")
     special = set(tokenizer.all_special_ids)
     image_token = lvlm.processor.image_token
 

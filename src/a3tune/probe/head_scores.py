@@ -23,6 +23,8 @@ import numpy as np
 import polars as pl
 import torch
 
+from a3tune.probe.head_ratios import head_ratios
+
 RANK_BY = ("score", "inside_score")
 
 
@@ -45,26 +47,22 @@ class HeadScoreAccumulator:
         """Add one batch: ``captured`` maps layer -> LayerCapture for every head of every layer.
 
         ``post_image`` (B, N) marks each sample's query rows R; ``label_maps`` (B, k) tells which of
-        the k label maps passed to the capture are real (a sample without a label has none).
+        the k label maps passed to the capture are real (a sample without a label has none). The
+        ratios come from :func:`a3tune.probe.head_ratios.head_ratios` (ValueError for a sample
+        without post-image rows, before anything is added).
         """
-        rows = post_image.to(torch.float64)
-        n_rows = rows.sum(dim=1)
-        if (n_rows == 0).any():
-            raise ValueError("a probe sample has no tokens after its image: nothing attends to it")
-        labelled = label_maps.any(dim=1) if label_maps is not None else torch.zeros(len(rows), dtype=torch.bool)
+        real = label_maps.detach().cpu() if label_maps is not None else None
+        labelled = real.any(dim=1) if real is not None else torch.zeros(len(post_image), dtype=torch.bool)
         for layer, cap in captured.items():
             heads = cap.heads.cpu().numpy()
-            share = cap.image_share.detach().to(torch.float64)  # (B, h, N)
-            on_image = (share * rows[:, None]).sum(dim=2)  # (B, h)
-            self.score_sum[layer, heads] += (on_image / n_rows[:, None]).sum(dim=0).numpy()
-            if cap.inside is None or not labelled.any():
+            share, ratio = head_ratios(cap.image_share, cap.inside if labelled.any() else None, post_image)
+            self.score_sum[layer, heads] += share.sum(dim=0).numpy()
+            if ratio is None:
                 continue
-            inside = (cap.inside.detach().to(torch.float64) * rows[:, None, None]).sum(dim=3)  # (B, h, k)
-            ratio = inside / on_image.clamp_min(1e-12)[:, :, None]
-            real = label_maps[:, None, :].to(torch.float64)
-            per_sample = (ratio * real).sum(dim=2) / real.sum(dim=2).clamp_min(1)  # (B, h)
+            weights = real[:, None, :].to(torch.float64)
+            per_sample = (ratio * weights).sum(dim=2) / weights.sum(dim=2).clamp_min(1)  # (B, h)
             self.inside_sum[layer, heads] += per_sample[labelled].sum(dim=0).numpy()
-        self.n_samples += len(rows)
+        self.n_samples += len(post_image)
         self.n_labelled += int(labelled.sum())
 
     def table(self, top_k: float, rank_by: str = "score") -> pl.DataFrame:

@@ -51,7 +51,7 @@ def run_probe(
 ) -> pl.DataFrame:
     """Probe every head on a sample of ``split`` and write the ranked heads table (and heatmap)."""
     from a3tune.models.capture import capture_attention, enable_capture
-    from a3tune.models.layout import encode_batch
+    from a3tune.models.layout import encode_batch, first_post_image_row
     from a3tune.models.registry import lvlm_from_config
 
     if batch_size < 1 or n_samples < 1:
@@ -73,7 +73,8 @@ def run_probe(
         labels, real = label_maps(grids, part["label_row"].to_list(), lvlm.n_image_tokens)
         inputs = {k: v.to(device) for k, v in batch.inputs.items()}
         with torch.no_grad(), capture_attention(heads="all", image_index=batch.image_index.to(device),
-                                                labels=labels.to(device)) as captured:  # fmt: skip
+                                                labels=labels.to(device),
+                                                row_start=first_post_image_row(batch.post_image)) as captured:  # fmt: skip
             lvlm.model(**inputs)
         acc.add(captured, batch.post_image.to(device), real.to(device))
         bar.update(part.height)

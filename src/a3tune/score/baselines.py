@@ -50,7 +50,9 @@ from transformers import AttentionInterface, LogitsProcessor  # noqa: E402
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
 
-from a3tune.models.layout import Batch  # noqa: E402
+from a3tune.context_value import bound  # noqa: E402
+from a3tune.models.key_scope import scoped_attention_inputs  # noqa: E402
+from a3tune.models.layout import Batch, pad_token_id  # noqa: E402
 from a3tune.models.lvlm import LoadedLvlm  # noqa: E402
 from a3tune.tune.moe import RoutingState, activate  # noqa: E402
 
@@ -69,15 +71,6 @@ _AMPLIFY: contextvars.ContextVar[_Amplification | None] = contextvars.ContextVar
 
 
 @contextlib.contextmanager
-def _amplifying(request: _Amplification | None) -> Iterator[None]:
-    token = _AMPLIFY.set(request)
-    try:
-        yield
-    finally:
-        _AMPLIFY.reset(token)
-
-
-@contextlib.contextmanager
 def amplification(image_index: Tensor, *, alpha: float = 0.2, layers_from: int = 2) -> Iterator[None]:
     """Amplify in :data:`PAI_ATTENTION` layers during the block (the model must already use that function).
 
@@ -86,7 +79,7 @@ def amplification(image_index: Tensor, *, alpha: float = 0.2, layers_from: int =
     """
     if alpha < 0 or layers_from < 0:
         raise ValueError(f"PAI needs alpha >= 0 and layers_from >= 0, got {alpha}, {layers_from}")
-    with _amplifying(_Amplification(float(alpha), int(layers_from), image_index)):
+    with bound(_AMPLIFY, _Amplification(float(alpha), int(layers_from), image_index)):
         yield
 
 
@@ -117,11 +110,12 @@ def pai_attention_forward(
 ) -> tuple[Tensor, None]:
     """SDPA, except in an amplified layer: softmax of the logits with the last row's image columns z -> z + α|z|."""
     request = _AMPLIFY.get()
+    attending, key, value = scoped_attention_inputs(module, key, value)  # head-scoped keys of an A³Tune adapter
     if request is None or module.layer_idx < request.layers_from:
         return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+            attending, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
-    groups = getattr(module, "num_key_value_groups", 1)
+    groups = getattr(attending, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     logits = (query @ key.transpose(-1, -2)).float() * scale  # (B, H, q, kv)
@@ -168,7 +162,7 @@ class _ContrastPass:
         rows = self.inputs["input_ids"].shape[0]
         if input_ids.shape[0] != rows:
             raise ValueError(f"contrastive decoding needs num_beams=1: {rows} prompts but {input_ids.shape[0]} rows")
-        with torch.no_grad(), activate(self.routing), _amplifying(None):
+        with torch.no_grad(), activate(self.routing), bound(_AMPLIFY, None):
             if self.cache is None:
                 if input_ids.shape[1] != self.prompt_length:
                     raise RuntimeError("a contrastive processor serves one generate call from its prompt on; build a new one")
@@ -190,9 +184,7 @@ def image_free_inputs(lvlm: LoadedLvlm, batch: Batch) -> dict[str, Tensor]:
     ids, mask = batch.inputs["input_ids"], batch.inputs["attention_mask"].bool()
     rows = [row[keep] for row, keep in zip(ids, mask & (ids != lvlm.image_token_id), strict=True)]
     length = max(len(row) for row in rows)
-    tokenizer = lvlm.processor.tokenizer
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    input_ids = torch.full((len(rows), length), pad_token_id(lvlm.processor.tokenizer), dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
     position_ids = torch.zeros_like(input_ids)
     for b, row in enumerate(rows):

@@ -36,7 +36,7 @@ ensure_torchvision()  # importing transformers' generation code imports torchvis
 
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList  # noqa: E402
 
-from a3tune.models.layout import Batch, encode_batch  # noqa: E402
+from a3tune.models.layout import Batch, encode_batch, pad_token_id  # noqa: E402
 from a3tune.models.lvlm import LoadedLvlm  # noqa: E402
 from a3tune.models.registry import lvlm_from_config  # noqa: E402
 from a3tune.tune.adapters import load_adapter  # noqa: E402
@@ -103,7 +103,7 @@ def generate_ids(
     prompt_length = inputs["input_ids"].shape[1]
     stopping = StoppingCriteriaList([StopOnText(tokenizer, settings.stop, prompt_length)] if settings.stop else [])
     sampling = {"temperature": 1.0, "top_k": 0, "top_p": 1.0} if settings.do_sample else {}
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     with contextlib.ExitStack() as stack:
         for processor in processors:
             if isinstance(processor, contextlib.AbstractContextManager):

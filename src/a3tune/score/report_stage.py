@@ -6,8 +6,9 @@ with an inference-time baseline. Rows of ``summary.parquet``: data set, method (
 its seed), seed, and the metrics. ``summary.md`` shows, per data set and method, the mean ± std
 over seeds of: closed accuracy, open recall, report BLEU-4 / ROUGE-L / CIDEr (report tasks),
 the share of image attention inside the weak label and inside the ground truth, and the pointing
-game. Figures: the metrics as grouped bars, and attention overlays of the same test samples for
-the base model and each tuned method (first seed).
+game, each over the probe's selected heads and (``own_`` columns, captioned "(own)") over the heads
+whose q/k the run's adapter changed. Figures: the metrics as grouped bars, and attention overlays
+of the same test samples for the base model and each tuned method (first seed).
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ METRICS = (
     (("grounding", "inside_label"), "inside_label", "in weak label"),
     (("grounding", "inside_gt"), "inside_gt", "in ground truth"),
     (("grounding", "pointing_hit"), "pointing", "pointing game"),
+    (("grounding", "own_image_share"), "own_image_share", "on image (own)"),
+    (("grounding", "own_inside_label"), "own_inside_label", "in label (own)"),
+    (("grounding", "own_inside_gt"), "own_inside_gt", "in GT (own)"),
+    (("grounding", "own_pointing_hit"), "own_pointing", "pointing (own)"),
 )
 
 
@@ -79,7 +84,11 @@ def summary_markdown(table: pl.DataFrame) -> str:
         lines.append("")
     lines.append("Shares and rates in [0, 1]; CIDEr as the COCO definition (x10). Attention metrics: mean over "
                  "the test samples and post-image query rows; pointing game: the attention peak inside the ground "
-                 "truth.")  # fmt: skip
+                 "truth. Heads: attention on image, in weak label, in ground truth and pointing game average the "
+                 "probe's selected heads (heads.parquet; the heads a static A³Tune run trains), the same heads for "
+                 "every run; the (own) columns average the run's own heads, those whose q/k its adapter changed "
+                 "(a static-head run's heads; every head for a run that adapts every head's q/k, and for the base "
+                 "model).")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

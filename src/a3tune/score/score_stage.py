@@ -5,10 +5,12 @@ inference-time baseline (PAI, VCD). ``score_shard`` takes the test samples of on
 of the sample id, so shards are stable), generates each answer (greedy or beam search) and
 measures where the model looks while reading the question and the reference answer (teacher
 forced, so every model is measured on the same tokens): image share, share inside the weak label
-and inside the ground-truth mask, and the pointing game. ``gather`` joins the shards into
-``predictions.parquet`` (sample_id, prompt, prediction, answer, answer_type, decoding settings),
-``attention.parquet`` (the grounding columns and each sample's attention map on the token grid)
-and ``metrics.json`` (VQA accuracy per answer type and organ, report metrics, grounding means).
+and inside the ground-truth mask, and the pointing game, over the probe's selected heads and
+(``own_`` columns) over the heads the run's adapter changed (:func:`own_heads`). ``gather`` joins
+the shards into ``predictions.parquet`` (sample_id, prompt, prediction, answer, answer_type,
+decoding settings), ``attention.parquet`` (the grounding columns and each sample's attention map
+on the token grid, for both head sets) and ``metrics.json`` (VQA accuracy per answer type and
+organ, report metrics, grounding means).
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ def score_shard(
         settings = dataclasses.replace(settings, num_beams=1, do_sample=False)
     labels_dir, root = Path(labels_dir), Path(root)
     lvlm = load_scored_model(model, str(adapter) if adapter else None)
-    heads = _selected_heads(heads_path)
+    heads, own = _selected_heads(heads_path), own_heads(adapter)
     samples = labelled_samples(samples_path, images_path, labels_dir / "labels.parquet", split)
     samples = samples.filter(pl.col("sample_id").map_elements(lambda s: _shard(s, shards) == shard, return_dtype=pl.Boolean))
     if limit is not None:
@@ -94,7 +96,7 @@ def score_shard(
         maps = {"label": label_maps(grids, part["label_row"].to_list(), lvlm.n_image_tokens)[0],
                 "gt": _gt_maps(part, root, spec)}  # fmt: skip
         batch = encode_batch(lvlm, pixels, questions, answers)
-        grounding = grounding_scores(lvlm, batch, maps, heads)
+        grounding = grounding_scores(lvlm, batch, maps, heads, own)
         parts.append(part.select("sample_id", "question", "answer", "answer_type", "task", "organ")
                      .with_columns(pl.Series("prediction", predictions, pl.String))
                      .hstack(grounding.drop("sample_id", strict=False)))  # fmt: skip
@@ -145,14 +147,34 @@ def gather(shard_tables: list[str | os.PathLike], out_dir: str | os.PathLike, *,
     reports = table.filter(pl.col("task") == "report")
     if reports.height:
         metrics["report"] = score_reports(reports["prediction"].to_list(), reports["answer"].to_list(), meteor=meteor)
-    metrics["grounding"] = {c: _mean(table[c]) for c in grounding_columns if c != "attention_map"}
+    metrics["grounding"] = {c: _mean(table[c]) for c in grounding_columns if not c.endswith("attention_map")}
     with atomic_file(out_dir / "metrics.json") as tmp:
         tmp.write_text(json.dumps({"metrics": metrics, "provenance": json.loads(provenance.to_json())}, indent=2,
                                   sort_keys=True, default=float) + "\n")  # fmt: skip
     return metrics
 
 
-GROUNDING_COLUMNS = ("image_share", "inside_label", "inside_gt", "pointing_hit", "attention_map")
+# Over the probe's selected heads, then (own_) over the heads the run's adapter changed (own_heads)
+PROBE_GROUNDING_COLUMNS = ("image_share", "inside_label", "inside_gt", "pointing_hit", "attention_map")
+GROUNDING_COLUMNS = PROBE_GROUNDING_COLUMNS + tuple(f"own_{c}" for c in PROBE_GROUNDING_COLUMNS)
+
+
+def own_heads(adapter: str | os.PathLike | None) -> dict[int, tuple[int, ...]] | None:
+    """The heads whose q/k the adapter at ``adapter`` changed (layer -> heads), the ``own_`` grounding set.
+
+    An adapter restricted to heads (a static-head run: ``heads`` in its ``adapter_config.json``)
+    -> those heads, when it adapts q/k (``qk`` not ``none``). Every other case -> None, every head
+    of every layer: an adapter on every head's q/k (``heads`` null), an adapter without a q/k part
+    and no adapter at all (the base model) single out no head, so they are measured on all of them.
+    Inference-time baselines are scored with their run's adapter and follow the same rule.
+    """
+    if adapter is None or str(adapter) == "":
+        return None
+    from a3tune.tune.adapter_config import AdapterConfig
+    from a3tune.tune.adapters import CONFIG_NAME
+
+    config = AdapterConfig.from_json((Path(adapter) / CONFIG_NAME).read_text())
+    return None if config.qk == "none" else config.heads
 
 
 def _mean(column: pl.Series) -> float | None:

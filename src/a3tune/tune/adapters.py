@@ -6,12 +6,16 @@ adapters are the only trainable parameters. Only the adapter is saved: ``adapter
 (the adapter modules' parameters, by their names in the wrapped model) and ``adapter_config.json``.
 
 Static heads (DESIGN §4.1): q_proj's delta is confined to the output rows ``[h·D, (h+1)·D)`` of
-the selected heads. A key/value head is shared by ``num_key_value_groups`` consecutive query heads
-(grouped-query attention), so changing its k rows changes the attention of all of them: k_proj gets
-a delta only on the KV heads whose query heads are *all* selected. Unselected heads therefore keep
-their base attention exactly (except through V/O/MLP LoRA and earlier layers); the number of KV
-heads that got a delta is logged and returned by :func:`apply_adapters`. A layer without any
-selected head, or without any fully selected KV head, gets no q (k) adapter at all.
+the selected heads. Keys: with one key/value head per query head, k_proj's delta is confined to
+the selected heads' rows the same way. Under grouped-query attention a key/value head serves
+``num_key_value_groups`` query heads, so a row delta would change unselected heads too; there the
+k_proj adapter is head-scoped (``a3tune.models.key_scope``): each selected query head gets its own
+adapted key, its neighbours keep the base key, and the language model is switched to the capture
+attention function, which dispatches the keys (plain SDPA otherwise). Unselected heads therefore
+keep their base attention exactly (except through V/O/MLP LoRA and earlier layers). A layer
+without a selected head gets no q/k adapter; a configuration that would leave q/k (or the whole
+adapter) without parameters is refused. :func:`apply_adapters` returns the counts for the run
+record.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -26,6 +31,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from a3tune.io.atomic import atomic_dir
+from a3tune.models.capture import enable_capture
+from a3tune.models.key_scope import KeyScope
 from a3tune.tune.adapter_config import AdapterConfig
 from a3tune.tune.lora import LoraLinear
 from a3tune.tune.moe import MoeKeyLinear, MoeQueryLinear
@@ -54,20 +61,19 @@ def _find_linear(layer: nn.Module, target: str, index: int) -> tuple[nn.Module, 
     return layer.get_submodule(parent_name), attribute, layer.get_submodule(hits[0])
 
 
-def _row_masks(selected: tuple[int, ...], heads: int, kv_heads: int, head_dim: int) -> tuple[Tensor, Tensor]:
-    """q and k row masks for the selected query heads of one layer (see the module docstring)."""
-    groups = heads // kv_heads
-    q_heads = torch.zeros(heads)
-    q_heads[list(selected)] = 1
-    kv_full = q_heads.view(kv_heads, groups).all(dim=1).float()
-    return q_heads.repeat_interleave(head_dim), kv_full.repeat_interleave(head_dim)
+def _head_rows(heads: tuple[int, ...], n_heads: int, head_dim: int) -> Tensor:
+    """The (n_heads·head_dim,) 0/1 row mask of the given heads' output rows."""
+    selected = torch.zeros(n_heads)
+    selected[list(heads)] = 1
+    return selected.repeat_interleave(head_dim)
 
 
-def apply_adapters(model: nn.Module, config: AdapterConfig) -> dict[str, int]:
+def apply_adapters(model: nn.Module, config: AdapterConfig) -> dict[str, Any]:
     """Freeze the model and wrap its language model's layers as ``config`` says, in place.
 
-    Returns counts for the run record: ``q_heads_with_delta``/``q_heads`` and
-    ``kv_heads_with_delta``/``kv_heads`` (all layers), and ``trainable_parameters``.
+    Returns counts for the run record: ``q_heads_adapted`` (query heads with a query delta),
+    ``k_heads_adapted`` (query heads whose key is adapted), ``heads`` (all query heads), ``per_layer``
+    (layer -> those two counts and the query/key experts of that layer) and ``trainable_parameters``.
     """
     layers = _language_layers(model)
     present = [name for name, module in model.named_modules() if isinstance(module, ADAPTER_TYPES)]
@@ -75,50 +81,65 @@ def apply_adapters(model: nn.Module, config: AdapterConfig) -> dict[str, int]:
         raise ValueError(f"model already has adapters (e.g. {present[0]}); apply_adapters to a fresh base model")
     text = model.config.get_text_config()
     heads, kv_heads = text.num_attention_heads, text.num_key_value_heads
+    groups = heads // kv_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     if config.heads is not None:
         bad = {layer: h for layer, h in config.heads.items() if layer >= len(layers) or max(h) >= heads}
         if bad:
             raise ValueError(f"heads {bad} out of range: the language model has {len(layers)} layers of {heads} heads")
     model.requires_grad_(False)
-    summary = {
-        "q_heads_with_delta": 0,
-        "q_heads": len(layers) * heads,
-        "kv_heads_with_delta": 0,
-        "kv_heads": len(layers) * kv_heads,
-    }
-    lora = config.lora
+    lora, scoped = config.lora, False
+    per_layer: dict[str, dict[str, int]] = {}
     for index, layer in enumerate(layers):
         for target in lora.targets:
             parent, attribute, linear = _find_linear(layer, target, index)
             wrapped = LoraLinear(linear, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout)
             setattr(parent, attribute, wrapped.train(linear.training))
-        if config.qk == "none":
+        selected = tuple(range(heads)) if config.heads is None else tuple(sorted(config.heads.get(index, ())))
+        if config.qk == "none" or not selected:
             continue
-        q_mask = k_mask = None
+        q_rows = k_rows = scope = None
         if config.heads is not None:
-            q_mask, k_mask = _row_masks(config.heads.get(index, ()), heads, kv_heads, head_dim)
-        sides = (("q_proj", q_mask, MoeQueryLinear, "q_heads", heads), ("k_proj", k_mask, MoeKeyLinear, "kv_heads", kv_heads))
-        for target, mask, moe_type, count, per_layer in sides:
-            if mask is not None and not bool(mask.any()):
-                continue
-            summary[f"{count}_with_delta"] += per_layer if mask is None else int(mask.sum()) // head_dim
-            parent, attribute, linear = _find_linear(layer, target, index)
-            if config.qk == "lora":
-                wrapped = LoraLinear(linear, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, row_mask=mask)
+            q_rows = _head_rows(selected, heads, head_dim)
+            if groups == 1:
+                k_rows = q_rows
             else:
-                wrapped = moe_type(linear, config.moe, mask)
+                scope, scoped = KeyScope(selected, groups, head_dim), True
+        for target, rows, moe_type in (("q_proj", q_rows, MoeQueryLinear), ("k_proj", k_rows, MoeKeyLinear)):
+            parent, attribute, linear = _find_linear(layer, target, index)
+            key_scope = scope if target == "k_proj" else None
+            if config.qk == "lora":
+                wrapped = LoraLinear(linear, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, row_mask=rows,
+                                     key_scope=key_scope)  # fmt: skip
+            elif key_scope is not None:
+                wrapped = moe_type(linear, config.moe, key_scope=key_scope)
+            else:
+                wrapped = moe_type(linear, config.moe, rows)
             setattr(parent, attribute, wrapped.train(linear.training))  # new modules start in training mode
-    summary["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        moe = config.qk == "moe"
+        per_layer[str(index)] = {"q_heads": len(selected), "k_heads": len(selected),
+                                 "query_experts": config.moe.query_experts if moe else 0,
+                                 "key_experts": config.moe.key_experts if moe else 0}  # fmt: skip
+    if config.qk != "none" and not per_layer:
+        raise ValueError(f"qk={config.qk!r} but no language-model layer has a selected head: the q/k adapters would be empty")
+    if scoped:
+        enable_capture(model)  # the attention function that hands each query head its scoped key
+    summary = {
+        "q_heads_adapted": sum(layer["q_heads"] for layer in per_layer.values()),
+        "k_heads_adapted": sum(layer["k_heads"] for layer in per_layer.values()),
+        "heads": len(layers) * heads,
+        "key_value_groups": groups,
+        "per_layer": per_layer,
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
+    if not summary["trainable_parameters"]:
+        raise ValueError("the adapter configuration adds no trainable parameter (qk 'none' and no LoRA targets)")
     logger.info(
-        "adapters (qk=%s): q deltas on %d/%d heads, k deltas on %d/%d KV heads, %d trainable parameters",
-        config.qk,
-        summary["q_heads_with_delta"],
-        summary["q_heads"],
-        summary["kv_heads_with_delta"],
-        summary["kv_heads"],
+        "adapters (qk=%s): query deltas on %d/%d heads, adapted keys for %d query heads (%d query heads per key/value "
+        "head), %d trainable parameters",
+        config.qk, summary["q_heads_adapted"], summary["heads"], summary["k_heads_adapted"], groups,
         summary["trainable_parameters"],
-    )
+    )  # fmt: skip
     return summary
 
 
@@ -185,7 +206,8 @@ def merge_lora(model: nn.Module) -> None:
     """Fold every LoRA (and single-expert, unrouted q MoE) layer into a plain ``nn.Linear``, in place.
 
     Afterwards ``model.save_pretrained`` writes a standard checkpoint. Routed MoE layers depend on the
-    input and cannot be folded into a weight: their presence raises before anything is changed.
+    input and cannot be folded into a weight, nor can head-scoped keys (they add key heads): their
+    presence raises before anything is changed.
     """
     routed = [
         name
@@ -194,6 +216,9 @@ def merge_lora(model: nn.Module) -> None:
     ]
     if routed:
         raise ValueError(f"cannot merge routed MoE layers (routing depends on the input): {routed}")
+    scoped = [name for name, module in model.named_modules() if isinstance(module, LoraLinear) and module.key_scope]
+    if scoped:
+        raise ValueError(f"cannot merge head-scoped keys (grouped-query attention) into k_proj: {scoped}")
     for name, module in list(model.named_modules()):
         if isinstance(module, LoraLinear | MoeQueryLinear):
             parent_name, _, attribute = name.rpartition(".")

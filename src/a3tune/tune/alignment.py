@@ -170,10 +170,7 @@ def _kl_row_start(captured: Mapping[int, LayerCapture], post_image: Tensor) -> i
         starts.add(cap.row_start)
     if len(starts) != 1:
         raise ValueError(f"captured layers have different row_start values {sorted(starts)}")
-    row_start = starts.pop()
-    if post_image[:, :row_start].any():
-        raise ValueError(f"post-image rows before row_start {row_start}: capture with a row_start at or before the first one")
-    return row_start
+    return starts.pop()
 
 
 def _check_captured(captured: Mapping[int, LayerCapture], post_image: Tensor) -> None:
@@ -185,6 +182,11 @@ def _check_captured(captured: Mapping[int, LayerCapture], post_image: Tensor) ->
         if cap.image_share.shape[0] != post_image.shape[0] or cap.image_share.shape[2] != post_image.shape[1]:
             raise ValueError(
                 f"layer {layer} captured image_share {tuple(cap.image_share.shape)}, post_image is {tuple(post_image.shape)}"
+            )
+        if post_image[:, : cap.row_start].any():
+            raise ValueError(
+                f"layer {layer} was captured from row {cap.row_start} on, after some post-image rows: capture with "
+                "row_start at or before the first one (a3tune.models.layout.first_post_image_row)"
             )
 
 

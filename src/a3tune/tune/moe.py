@@ -3,9 +3,13 @@
 Query side (:class:`MoeQueryLinear`): one gate vector per sample and layer, the softmax of a router
 applied to the mean of the layer's input over the sample's question tokens; every token gets
 ``W x + Σ_e g_e E_e(x)``. Key side (:class:`MoeKeyLinear`): a router per image token, top-k experts,
-``W x + Σ_{e∈top-k} p_e E_e(x)`` at image positions and ``W x`` everywhere else. The gate scales
-the expert output, so the key router learns from the task losses; ``reference_key_gates`` restores
-the reference's ungated assignment, where only the highest-index chosen expert survives.
+``W x + Σ_{e∈top-k} g_e E_e(x)`` at image positions and ``W x`` everywhere else. The gates are
+straight-through (DESIGN §4.4): forward ``g_e = 1`` for a chosen expert, as the reference's
+output, while the gradient flows through the router probability ``p_e``, so the key router learns
+from the task losses; with 16 experts a gate of ``p_e`` itself would scale the delta by ~1/16 at
+initialisation. ``reference_key_gates`` restores the reference's assignment, where only the
+highest-index chosen expert survives and the router gets no gradient. Under grouped-query
+attention with static heads the key delta is head-scoped (``a3tune.models.key_scope``).
 
 The routing inputs (question span, image positions) are per batch, not per layer, so they reach
 the layers through a ``ContextVar`` set by :func:`routing`, as ``a3tune.models.capture`` does for
@@ -31,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from a3tune.context_value import bound
+from a3tune.models.key_scope import KeyScope
 from a3tune.tune.adapter_config import MoeSpec
 from a3tune.tune.lora import check_row_mask, merged_linear
 
@@ -42,13 +48,16 @@ class LoraExperts(nn.Module):
     whatever the weights, and an expert with weight 0 gets no gradient.
     """
 
-    def __init__(self, base_layer: nn.Linear, *, experts: int, rank: int, alpha: float, dropout: float) -> None:
+    def __init__(
+        self, base_layer: nn.Linear, *, experts: int, rank: int, alpha: float, dropout: float, out_features: int | None = None
+    ) -> None:
         super().__init__()
         weight = base_layer.weight
+        out_features = out_features or base_layer.out_features
         self.experts, self.rank, self.scale = experts, rank, alpha / rank
         self.dropout = nn.Dropout(dropout)
         self.lora_A = nn.Parameter(torch.empty(experts, rank, base_layer.in_features, device=weight.device, dtype=weight.dtype))
-        self.lora_B = nn.Parameter(torch.zeros(experts, base_layer.out_features, rank, device=weight.device, dtype=weight.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(experts, out_features, rank, device=weight.device, dtype=weight.dtype))
         for a in self.lora_A.data:  # per expert, so that fan_in is in_features
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
 
@@ -120,14 +129,9 @@ def routing(question_span: Tensor, image_index: Tensor) -> Iterator[RoutingState
         yield state
 
 
-@contextlib.contextmanager
-def activate(state: RoutingState | None) -> Iterator[RoutingState | None]:
+def activate(state: RoutingState | None) -> contextlib.AbstractContextManager[RoutingState | None]:
     """Make ``state`` the current routing state for a block (None: none)."""
-    token = _STATE.set(state)
-    try:
-        yield state
-    finally:
-        _STATE.reset(token)
+    return bound(_STATE, state)
 
 
 def checkpoint_context() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
@@ -210,12 +214,22 @@ class MoeQueryLinear(nn.Module):
 
 
 class MoeKeyLinear(nn.Module):
-    """k_proj with top-k LoRA experts routed per image token; other positions are ``W x`` exactly."""
+    """k_proj with top-k LoRA experts routed per image token; other positions are ``W x`` exactly.
 
-    def __init__(self, base_layer: nn.Linear, spec: MoeSpec, row_mask: Tensor | None = None) -> None:
+    ``row_mask`` confines the delta to some output rows (key heads); ``key_scope`` instead appends
+    one adapted key per selected query head (grouped-query attention, see ``a3tune.models.key_scope``).
+    """
+
+    def __init__(
+        self, base_layer: nn.Linear, spec: MoeSpec, row_mask: Tensor | None = None, key_scope: KeyScope | None = None
+    ) -> None:
         super().__init__()
+        if row_mask is not None and key_scope is not None:
+            raise ValueError("MoeKeyLinear: give a row mask or a key scope, not both")
         self.base_layer = base_layer.requires_grad_(False)
-        self.experts = LoraExperts(base_layer, experts=spec.key_experts, rank=spec.rank, alpha=spec.alpha, dropout=spec.dropout)
+        self.key_scope = key_scope
+        self.experts = LoraExperts(base_layer, experts=spec.key_experts, rank=spec.rank, alpha=spec.alpha,
+                                   dropout=spec.dropout, out_features=key_scope.out_features if key_scope else None)  # fmt: skip
         weight = base_layer.weight
         self.router = nn.Linear(base_layer.in_features, spec.key_experts, device=weight.device, dtype=weight.dtype)
         self.top_k = spec.key_top_k
@@ -233,10 +247,12 @@ class MoeKeyLinear(nn.Module):
                     f"MoeKeyLinear: input of {x.shape[1]} tokens does not reach the image tokens and no prefill "
                     "routed them in this routing block"
                 )
-            return out
+            return out if self.key_scope is None else self.key_scope.extend(out)
         image_x = x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, n_img, in)
         weights = self._route(state, image_x)
         delta = self.experts(image_x, weights.to(x.dtype))
+        if self.key_scope is not None:
+            return self.key_scope.extend(out, delta, index)
         if self.row_mask is not None:
             delta = delta * self.row_mask
         return out.scatter_add(1, index.unsqueeze(-1).expand(-1, -1, out.shape[-1]), delta)
@@ -252,9 +268,13 @@ class MoeKeyLinear(nn.Module):
         if self.reference_gates:
             # The reference assigns each chosen expert's output in ascending expert order, ungated.
             return F.one_hot(top.max(-1).values, probs.shape[-1]).to(probs.dtype)
-        return torch.zeros_like(probs).scatter(-1, top, probs.gather(-1, top))
+        picked = probs.gather(-1, top)
+        return torch.zeros_like(probs).scatter(-1, top, picked - picked.detach() + 1)  # straight-through: 1 forward
 
     def delta_weight(self) -> Tensor:
-        """(E_k, out, in): each expert's change to the base weight at image positions, row mask applied."""
+        """(E_k, out, in): each expert's change to the base weight at image positions, row mask applied.
+
+        With a key scope, ``out`` is the scoped heads' width (the extra keys' change to their group's key).
+        """
         delta = self.experts.delta_weight()
         return delta if self.row_mask is None else delta * self.row_mask[:, None]

@@ -2,8 +2,14 @@
 
 Presets are data (``presets/datasets.yaml``: the reference's numbers per data set;
 ``presets/methods.yaml``: A³Tune, the plain-LoRA baseline and the ablations). A run's settings are
-the data set preset, updated by the method preset, updated by ``tune.overrides`` from the config;
-an unknown key anywhere is an error naming it.
+the data set preset, updated by its block for the run's backbone, by the method preset, then by
+``tune.overrides`` from the config; an unknown key anywhere is an error naming it.
+
+Backbones: the reference tuned LLaVA-Med v1 (LLaMA-7B) and v1.5 (Mistral-7B) with different
+numbers for some data sets (VQA-RAD: λ 0.06 with the KL loss on v1, 0.09 with the inside-mass loss
+on v1.5). The numbers belong to the backbone being tuned, so a data set preset holds v1's values
+and a ``backbones`` block with what v1.5 changes; ``backbone_of`` tells the backbone from a model's
+config, so that a configured checkpoint gets its own numbers without a setting to keep in step.
 """
 
 from __future__ import annotations
@@ -20,6 +26,10 @@ PRESETS = Path(__file__).parent / "presets"
 QK_MODES = ("moe", "lora", "none")
 HEAD_MODES = ("static", "dynamic", "all", "none")
 LOSSES = ("inside", "kl")
+BACKBONES = ("llava-med-v1", "llava-med-v1.5")
+# The backbone of a model, by its language model's ``model_type``: LLaVA-Med v1 is LLaMA-7B (a
+# converted v1 checkpoint's text config is a LlamaConfig), v1.5 is Mistral-7B.
+BACKBONE_OF_TEXT_MODEL = {"llama": "llava-med-v1", "mistral": "llava-med-v1.5"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,16 +110,56 @@ def method_presets() -> list[str]:
     return sorted(_presets("methods"))
 
 
-def resolve_settings(dataset: str, method: str, overrides: dict[str, Any] | None = None) -> TuneSettings:
-    """The data set preset, then the method preset, then ``overrides``: one validated ``TuneSettings``."""
-    datasets, methods = _presets("datasets"), _presets("methods")
+def backbone_of(model_config: Any) -> str:
+    """The backbone (``BACKBONES``) of a model, from its HF config: a ``LlavaConfig``, or any config with
+    ``get_text_config()``, read before the weights load.
+
+    The language model decides, because the reference's two sets of numbers are per language model:
+    ``mistral`` is LLaVA-Med v1.5, ``llama`` is v1 (and so is any other LLaMA-based LLaVA, which then
+    gets v1's numbers). Anything else has no reference numbers: the error asks for ``tune.backbone``.
+    """
+    model_type = getattr(model_config.get_text_config(), "model_type", None)
+    if model_type not in BACKBONE_OF_TEXT_MODEL:
+        known = ", ".join(f"{kind} -> {name}" for kind, name in BACKBONE_OF_TEXT_MODEL.items())
+        raise ValueError(f"tune: no preset backbone for a model whose language model is {model_type!r} (known: "
+                         f"{known}); set tune.backbone in the config to one of {list(BACKBONES)}")  # fmt: skip
+    return BACKBONE_OF_TEXT_MODEL[model_type]
+
+
+def _updated(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``update``'s values; a dict value (``moe``, ``lora``) updates the dict it replaces."""
+    merged = dict(base)
+    for key, value in update.items():
+        merged[key] = {**merged.get(key, {}), **value} if isinstance(value, dict) else value
+    return merged
+
+
+def _dataset_preset(dataset: str, backbone: str) -> dict[str, Any]:
+    """The data set's preset for ``backbone``: its values, updated by its ``backbones`` block for it."""
+    datasets = _presets("datasets")
     if dataset not in datasets:
         raise ValueError(f"tune: unknown data set preset {dataset!r}; known: {sorted(datasets)}")
+    preset = dict(datasets[dataset])
+    blocks = preset.pop("backbones", None) or {}
+    unknown = sorted(set(blocks) - set(BACKBONES))
+    if unknown:
+        raise ValueError(f"tune: data set preset {dataset!r} has blocks for unknown backbone(s) {unknown}; "
+                         f"known: {list(BACKBONES)}")  # fmt: skip
+    return _updated(preset, blocks.get(backbone) or {})
+
+
+def resolve_settings(
+    dataset: str, method: str, overrides: dict[str, Any] | None = None, backbone: str = "llava-med-v1"
+) -> TuneSettings:
+    """The data set preset, its ``backbone`` block, the method preset, then ``overrides``: one validated
+    ``TuneSettings``. The default backbone is v1, whose numbers the presets' top level holds."""
+    if backbone not in BACKBONES:
+        raise ValueError(f"tune: unknown backbone {backbone!r}; known: {list(BACKBONES)}")
+    methods = _presets("methods")
+    preset = _dataset_preset(dataset, backbone)
     if method not in methods:
         raise ValueError(f"tune: unknown method {method!r}; known: {sorted(methods)}")
-    merged = {**datasets[dataset], **methods[method]}
-    for key, value in (overrides or {}).items():
-        merged[key] = {**merged.get(key, {}), **value} if isinstance(value, dict) else value
+    merged = _updated({**preset, **methods[method]}, overrides or {})
     known = {f.name for f in dataclasses.fields(TuneSettings)}
     unknown = sorted(set(merged) - known)
     if unknown:

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from a3tune.data.images import load_rgb, resolve_under
 from a3tune.labels.model_inputs import label_maps
 from a3tune.models.capture import capture_attention, enable_capture
-from a3tune.models.layout import encode_batch
+from a3tune.models.layout import encode_batch, first_post_image_row
 from a3tune.probe.head_scores import n_selected
 from a3tune.tune.adapter_config import AdapterConfig, LoraSpec, MoeSpec
 from a3tune.tune.adapters import apply_adapters, save_adapter
@@ -112,7 +112,7 @@ def train(
     model = lvlm.model
     config = adapter_config_for(settings, lvlm.source, heads, record)
     layout = apply_adapters(model, config)
-    log.info("tune: adapters %s", layout)
+    config = dataclasses.replace(config, extra={**config.extra, "adapters": layout})  # the run record
     if settings.align:
         enable_capture(model)
     text = model.config.text_config
@@ -157,7 +157,7 @@ def train(
             if settings.align:
                 captured = stack.enter_context(capture_attention(
                     heads=capture_heads, image_index=batch.image_index.to(device), labels=maps.to(device),
-                    probabilities=settings.loss == "kl", row_start=_first_post_image_row(batch.post_image),
+                    probabilities=settings.loss == "kl", row_start=first_post_image_row(batch.post_image),
                 ))  # fmt: skip
             out = engine.model(**inputs, labels=batch.labels.to(device))
             parts = {"ce": out.loss}
@@ -166,10 +166,11 @@ def train(
                 parts["align"] = alignment_loss(captured, batch.post_image.to(device), real.to(device),
                                                 variant=settings.loss, selection=selection,
                                                 labels=maps.to(device)).mean()  # fmt: skip
-            # Static heads may leave no key experts at all (no KV head with all its query heads selected)
-            if routed.key_routing and settings.beta > 0:
-                parts["balance"] = routed.balance_loss().mean()
-            entropy = float(routed.entropy().detach()) if routed.key_routing else float("nan")
+            entropy = float("nan")  # no router without A³MoE
+            if settings.qk == "moe":  # every adapted layer has key experts: their absence raises here
+                entropy = float(routed.entropy().detach())
+                if settings.beta > 0:
+                    parts["balance"] = routed.balance_loss().mean()
         total = parts["ce"] + settings.lam * parts.get("align", 0.0) + settings.beta * parts.get("balance", 0.0)
         check_finite(total, engine.step_count)
         engine.backward(total)
@@ -200,8 +201,3 @@ LOG_SCHEMA = {
 def _pick(value: str, auto: str) -> str:
     return auto if value == "auto" else value
 
-
-def _first_post_image_row(post_image: torch.Tensor) -> int:
-    """The first query row any sample of the batch supervises (the probabilities block starts there)."""
-    rows = post_image.any(dim=0).nonzero()
-    return int(rows[0]) if len(rows) else 0

@@ -1,6 +1,8 @@
 """Stage ``tune``: train one run's adapters on a data set's training split.
 
-A run is a data set preset and a method (``settings.resolve_settings``) plus a seed. Inputs: the
+A run is a data set preset for the model's backbone and a method (``settings.resolve_settings``)
+plus a seed; the backbone is configured, or read from the loaded model's config (``resolve_backbone``).
+Inputs: the
 base Med-LVLM, the samples with their weak labels, and (static heads) the probe's heads.parquet.
 Outputs, in the run folder: ``adapter/`` (adapter_model.safetensors + adapter_config.json naming the
 base model, the heads, the MoE layout and every setting, with the inputs' hashes) and
@@ -24,7 +26,7 @@ from a3tune.io.parquet import read_parquet, write_parquet
 from a3tune.io.provenance import Provenance
 from a3tune.io.zarr_store import open_store
 from a3tune.labels.model_inputs import labelled_samples
-from a3tune.tune.settings import resolve_settings
+from a3tune.tune.settings import BACKBONES, backbone_of, resolve_settings
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +45,19 @@ def run_tune(
     heads_path: str | os.PathLike | None = None,
     overrides: dict[str, Any] | None = None,
     seed: int = 0,
+    backbone: str = "auto",
     progress: bool = True,
 ) -> pl.DataFrame:
     from a3tune.models.registry import lvlm_from_config, spec_dtype
     from a3tune.probe.probe_stage import check_label_geometry
     from a3tune.tune.trainer import TrainData, train
 
-    settings = resolve_settings(preset, method, {**(overrides or {}), "seed": seed})
+    overrides = {**(overrides or {}), "seed": seed}
+    resolve_backbone(backbone, None)  # names checked before a (minutes-long) model load
+    resolve_settings(preset, method, overrides)
+    lvlm = lvlm_from_config(on_rank_gpu(model))
+    backbone = resolve_backbone(backbone, lvlm.model.config)
+    settings = resolve_settings(preset, method, overrides, backbone=backbone)
     labels_dir = Path(labels_dir)
     heads = selected_heads(heads_path) if settings.heads == "static" else None
     if settings.heads == "static" and heads_path is None:
@@ -62,20 +70,30 @@ def run_tune(
         inputs["model"] = model["path"]
     provenance = Provenance.for_inputs(
         "tune", {"model": model, "dtype": str(spec_dtype(model)), "preset": preset, "method": method,
-                 "settings": settings.to_dict(), "heads": {str(k): v for k, v in (heads or {}).items()}}, inputs)  # fmt: skip
+                 "backbone": backbone, "settings": settings.to_dict(),
+                 "heads": {str(k): v for k, v in (heads or {}).items()}}, inputs)  # fmt: skip
     checkpoints = Path(checkpoint_root) / fingerprint(provenance)
 
-    lvlm = lvlm_from_config(on_rank_gpu(model))
     check_label_geometry(labels_dir / "labels.zarr", lvlm)
     samples = labelled_samples(samples_path, images_path, labels_dir / "labels.parquet", "train")
     data = TrainData(samples, Path(root), open_store(labels_dir / "labels.zarr")["grid"])
-    log.info("tune: %s/%s, %d training samples (%d labelled), %d optimizer steps", preset, method, samples.height,
-             samples["label_row"].is_not_null().sum(), settings.total_steps(samples.height))  # fmt: skip
+    log.info("tune: %s/%s on %s, %d training samples (%d labelled), %d optimizer steps", preset, method, backbone,
+             samples.height, samples["label_row"].is_not_null().sum(), settings.total_steps(samples.height))  # fmt: skip
     table = train(lvlm, settings, data, out_dir, checkpoints, heads=heads, progress=progress,
                   record={"provenance": json.loads(provenance.to_json())})  # fmt: skip
     if int(os.environ.get("RANK", "0")) == 0:
         write_parquet(table, Path(out_dir) / "train_log.parquet", provenance)
     return table
+
+
+def resolve_backbone(backbone: str, model_config: Any) -> str:
+    """The backbone whose preset numbers a run takes: ``backbone`` as configured, or for ``auto`` the
+    one of the loaded model's config (``settings.backbone_of``); ``model_config`` None only checks the name."""
+    if backbone not in ("auto", *BACKBONES):
+        raise ValueError(f"tune: unknown backbone {backbone!r}; known: {['auto', *BACKBONES]}")
+    if backbone != "auto" or model_config is None:
+        return backbone
+    return backbone_of(model_config)
 
 
 def on_rank_gpu(model: dict[str, Any]) -> dict[str, Any]:
