@@ -3,7 +3,7 @@
 Four variants of one optimizer step on one model and batch, each on its own fresh model:
 
 - ``plain LoRA``: LoRA (r 64) on every linear layer of the language model, q/k included; CE only;
-- ``A3Tune static``: A³MoE on q/k restricted to the selected heads' rows, LoRA on V/O/MLP, CE + λ·
+- ``A3Tune static``: A³MoE on the selected heads' queries and (head-scoped) keys, LoRA on V/O/MLP, CE + λ·
   alignment loss from the capture attention function on the selected heads only;
 - ``A3Tune dynamic``: the same without row restriction, capture on every head, top-K re-chosen per
   sample per step;

@@ -19,9 +19,7 @@ batch 4) with one weak label per sample, a block of a quarter of the image grid.
   <= 1.2x plain LoRA's time and <= 1.15x its memory;
 - per model, the SDPA backend the capture's call ran on: the first of FLASH_ATTENTION,
   EFFICIENT_ATTENTION, CUDNN_ATTENTION with which a static capture step (forward and backward)
-  succeeds. If ``a3tune.models.capture`` has a ``CAPTURE_SDPA_BACKENDS`` setting, only the capture's
-  own call is restricted (through it); else the whole step runs under ``sdpa_kernel([backend])``,
-  so the model's own attention must accept that backend too (the row says which method);
+  succeeds, with only the capture's own call restricted (``capture.CAPTURE_SDPA_BACKENDS``);
 - one DeepSpeed ZeRO-2 optimizer step (``Engine(backend="deepspeed", zero_stage=2,
   precision="bf16")``) of A³Tune static on the Mistral-shaped model: ok and its step time;
   "skipped: no CUDA" on the CPU;
@@ -62,7 +60,7 @@ from _tune_steps import (
     time_steps,
     variant_loss,
 )
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import SDPBackend
 from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, MistralConfig
 
 from a3tune.models import capture
@@ -219,27 +217,20 @@ def shape_rows(shape: str, mode: Mode) -> list[tuple[str, ...]]:
 
 
 def capture_backend(model, loss_of, batch: tuple[Batch, torch.Tensor]) -> str:
-    """The first of :data:`PROBE_BACKENDS` that a capture step (forward + backward) runs on."""
-    own = hasattr(capture, "CAPTURE_SDPA_BACKENDS")  # the capture's own setting, when the module has one
-    method = "capture call only, via CAPTURE_SDPA_BACKENDS" if own else "whole step under sdpa_kernel"
+    """The first of :data:`PROBE_BACKENDS` that a capture step (forward + backward) runs on; only the
+    capture's own SDPA call is restricted (``capture.CAPTURE_SDPA_BACKENDS``)."""
+    saved = capture.CAPTURE_SDPA_BACKENDS
     for backend in PROBE_BACKENDS:
+        capture.CAPTURE_SDPA_BACKENDS = [backend]
         try:
-            if own:
-                saved = capture.CAPTURE_SDPA_BACKENDS
-                capture.CAPTURE_SDPA_BACKENDS = (backend,) if isinstance(saved, tuple) else [backend]
-                try:
-                    loss_of(model, *batch).backward()
-                finally:
-                    capture.CAPTURE_SDPA_BACKENDS = saved
-            else:  # no setting yet: the model's own attention (and the vision tower's) must accept it too
-                with sdpa_kernel([backend]):
-                    loss_of(model, *batch).backward()
+            loss_of(model, *batch).backward()
         except (RuntimeError, NotImplementedError):
             continue
         finally:
+            capture.CAPTURE_SDPA_BACKENDS = saved
             model.zero_grad(set_to_none=True)
-        return f"{backend.name} ({method}, {batch[0].inputs['input_ids'].device.type})"
-    return f"none of {'/'.join(b.name for b in PROBE_BACKENDS)}: math fallback ({method})"
+        return f"{backend.name} ({batch[0].inputs['input_ids'].device.type})"
+    return f"none of {'/'.join(b.name for b in PROBE_BACKENDS)}: the math path"
 
 
 def zero2_row(mode: Mode) -> tuple[str, ...]:
