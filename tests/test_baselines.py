@@ -124,18 +124,32 @@ def test_pai_generates(case, one_thread):
 # VCD
 
 
-def test_diffusion_noise():
+def _vcd_alpha_bar(t: int) -> float:
+    """VCD's add_diffusion_noise, from its published constants: 1000 steps, betas = sigmoid(linspace(-6, 6, 1000))
+    * (0.5e-2 - 1e-5) + 1e-5, alphas_prod = cumprod(1 - betas), and step t uses alphas_prod[t] (through t)."""
+    product = 1.0
+    for s in range(t + 1):
+        x = -6 + 12 * s / 999
+        product *= 1 - (1 / (1 + math.exp(-x)) * (0.5e-2 - 1e-5) + 1e-5)
+    return product
+
+
+def test_diffusion_noise_is_vcds():
     x = torch.randn(2, 3, 8, 8)
-    torch.testing.assert_close(diffusion_noise(x, 0, seed=3), x)
     noised = diffusion_noise(x, 500, seed=3)
     torch.testing.assert_close(noised, diffusion_noise(x, 500, seed=3))
     assert not torch.allclose(noised, diffusion_noise(x, 500, seed=4))
-    betas = torch.sigmoid(torch.linspace(-6, 6, 1000, dtype=torch.float64)) * (0.5e-2 - 1e-5) + 1e-5
-    alpha_bar = torch.prod(1 - betas[:500])
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    torch.testing.assert_close(noised, (alpha_bar.sqrt() * x.double() + (1 - alpha_bar).sqrt() * noise).float())
+    for t in (0, 1, 500, 999):
+        a = _vcd_alpha_bar(t)
+        expected = (math.sqrt(a) * x.double() + math.sqrt(1 - a) * noise).float()
+        torch.testing.assert_close(diffusion_noise(x, t, seed=3), expected)
+    # step 0 already adds one step of noise (beta_0 = sigmoid(-6)·4.99e-3 + 1e-5 ≈ 2.234e-5); VCD's default step
+    # 500 leaves alpha_bar ≈ 0.745 (the product over steps before 500 only would miss beta_500)
+    assert _vcd_alpha_bar(0) == pytest.approx(1 - 2.2338e-5, abs=1e-9)
+    assert _vcd_alpha_bar(500) == pytest.approx(0.7448, abs=1e-4)
     with pytest.raises(ValueError, match="noise_step"):
-        diffusion_noise(x, 1001)
+        diffusion_noise(x, 1000)
 
 
 def test_vcd_contrast_with_the_noised_image(case, one_thread):
@@ -158,8 +172,8 @@ def test_vcd_contrast_with_the_noised_image(case, one_thread):
 def test_vcd_without_noise_or_contrast_is_plain_greedy(case, one_thread):
     lvlm, images, _ = case
     plain = generate_answers(lvlm, images, QUESTIONS, GREEDY)
-    # noise_step 0: v' = v, so (1+α)·l(v) − α·l(v') = l(v) on the plausible tokens, which hold the argmax.
-    same = functools.partial(vcd_processor, lvlm, noise_step=0)
+    # α = 0: (1+α)·l(v) − α·l(v') = l(v) on the plausible tokens, which hold the argmax.
+    same = functools.partial(vcd_processor, lvlm, alpha=0.0)
     assert generate_answers(lvlm, images, QUESTIONS, GREEDY, logits_processors=[same]) == plain
     sampled = generate_answers(lvlm, images, QUESTIONS, DecodeSettings(num_beams=1, max_new_tokens=4, do_sample=True),
                                logits_processors=[functools.partial(vcd_processor, lvlm)])  # fmt: skip

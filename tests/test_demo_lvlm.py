@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import numpy as np
 import polars as pl
 import pytest
+from PIL import Image
 
 from a3tune.data.importer import import_dataset
 from a3tune.data.phantom import PhantomConfig, generate
 from a3tune.io.provenance import read_provenance
-from a3tune.models.demo_lvlm import train_demo_lvlm
+from a3tune.models.demo_lvlm import phantom_pretraining_set, train_demo_lvlm
 from a3tune.models.lvlm import load_lvlm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -62,3 +64,26 @@ def test_answer_types_restrict_the_pre_training_samples(phantom, tmp_path):
     with pytest.raises(ValueError, match=r"no training samples .* answer type \['nonsense'\]"):
         train_demo_lvlm(phantom / "samples.parquet", phantom / "images.parquet", phantom / "raw", tmp_path / "none",
                         architecture=ARCH, training={"steps": 2, "answer_types": ["nonsense"]}, progress=False)  # fmt: skip
+
+
+def test_own_pre_training_set_is_drawn_from_its_parameters(phantom, tmp_path):
+    pretrain = {"seed": 5, "n_images": {"train": 6, "val": 0, "test": 0}, "size": 96, "lesion_radius": [3, 5]}
+    data, pixels = phantom_pretraining_set(pretrain)
+    # Its own images: as many as asked, none of them a tuning image, the same pixels again from the same parameters
+    assert len(pixels) == 6 and set(data["path"]) == set(pixels)
+    tuning = generate(PhantomConfig.from_dict({"n_images": {"train": 4, "val": 1, "test": 1}, "size": 96,
+                                               "lesion_radius": [3, 5]}), tmp_path / "tuning")  # fmt: skip
+    assert all(not np.array_equal(np.asarray(Image.open(tuning / path)), image) for path, image in pixels.items()
+               if (tuning / path).exists())
+    again, _ = phantom_pretraining_set(pretrain)
+    assert again.equals(data) and all((phantom_pretraining_set(pretrain)[1][p] == pixels[p]).all() for p in pixels)
+    out = tmp_path / "own"
+    train_demo_lvlm(phantom / "samples.parquet", phantom / "images.parquet", phantom / "raw", out, architecture=ARCH,
+                    training={"steps": 2, "batch_size": 2, "answer_types": ["open", "report"]}, pretrain=pretrain,
+                    progress=False)  # fmt: skip
+    prov = read_provenance(out)
+    assert prov.params["pretrain"] == pretrain
+    assert prov.params["train_samples"] == data.filter(pl.col("answer_type").is_in(["open", "report"])).height
+    with pytest.raises(ValueError, match="no training images"):
+        phantom_pretraining_set({**pretrain, "n_images": {"train": 0, "val": 0, "test": 0}})
+

@@ -131,3 +131,11 @@ def test_moe_adapter_greedy_uses_the_prefill_routing(one_thread, tmp_path):
     loaded = load_scored_model({"builder": "tiny", "corpus": CORPUS, "image_size": 56, "text_hidden": 32, "seed": 1},
                                str(tmp_path / "adapter"))  # fmt: skip
     assert generate_answers(loaded, [image], [question], GREEDY) == generate_answers(lvlm, [image], [question], GREEDY)
+
+
+def test_decoding_length_by_task():
+    from a3tune.score.generation import MAX_NEW_TOKENS
+
+    assert DecodeSettings().for_tasks(["report", "vqa"]).max_new_tokens == MAX_NEW_TOKENS["report"] == 1024
+    assert DecodeSettings().for_tasks(["vqa"]).max_new_tokens == MAX_NEW_TOKENS["vqa"]
+    assert DecodeSettings(max_new_tokens=7).for_tasks(["report"]).max_new_tokens == 7

@@ -10,7 +10,7 @@ from PIL import Image
 
 from a3tune.cli import main
 from a3tune.data.importer import import_dataset
-from a3tune.data.phantom import PhantomConfig, draw, generate, plan_split, read
+from a3tune.data.phantom import PhantomConfig, cue_shuffled_twins, draw, generate, plan_split, read
 from a3tune.data.phantom_scene import ORGANS
 from a3tune.data.records import DataFormatError
 from a3tune.io import hash_path, read_parquet, read_provenance
@@ -227,3 +227,24 @@ def test_cli_generates(tmp_path):
     assert len(list((tmp_path / "raw" / "images").glob("*.png"))) == 4
     assert main(["phantom", "--out", str(tmp_path / "bad"), "--params", '{"seeed": 1}']) == 2
     assert not (tmp_path / "bad").exists()
+
+
+def test_cue_shuffled_twins_differ_only_in_the_marker_and_agree_at_chance(small_root, big_plans):
+    data = json.loads((small_root / "phantom.json").read_text())
+    for image in data["images"]:
+        twin_ref = next(s["image_cue_shuffled"] for s in data["samples"] if s["image"] == image["path"])
+        if image["split"] == "test":
+            assert twin_ref is None and not (small_root / "cue_shuffled" / f"{image['image_id']}.png").exists()
+            continue
+        original, twin = (np.asarray(Image.open(small_root / ref)) for ref in (image["path"], twin_ref))
+        size = original.shape[0]
+        edge, side = max(2, size // 32), PhantomConfig().marker_size  # the marker square (phantom_scene)
+        outside = np.ones(original.shape[:2], bool)
+        outside[edge:edge + side, size - edge - side:size - edge] = False
+        assert (original[outside] == twin[outside]).all()
+    cfg, plans = big_plans
+    twins = cue_shuffled_twins(cfg, "train", plans["train"])
+    assert [(t.image_id, t.answer, t.lesion_organ) for t in twins] == [(p.image_id, p.answer, p.lesion_organ)
+                                                                       for p in plans["train"]]  # fmt: skip
+    assert np.mean([t.cue == (t.answer == "yes") for t in twins]) == 0.5
+    assert np.mean([p.cue == (p.answer == "yes") for p in plans["train"]]) == pytest.approx(0.9, abs=0.01)

@@ -12,7 +12,9 @@ from a3tune.score.report_metrics import (
     java_available,
     ptb_tokenize,
     ptb_tokenize_java,
+    ptb_tokenize_python,
     register_clinical_metric,
+    resolve_tokenizer,
     score_reports,
 )
 
@@ -38,7 +40,58 @@ def test_ptb_tokenize():
 @needs_java
 def test_python_tokenizer_matches_java_ptb():
     texts = [p for p, _ in PAIRS] + [r for _, refs in PAIRS for r in refs] + ["", "won't i'm they'd 50% a&b 10:30 [x]"]
-    assert [ptb_tokenize(t) for t in texts] == ptb_tokenize_java(texts)
+    assert ptb_tokenize_python(texts) == ptb_tokenize_java(texts)
+
+
+# Reports as radiologists write them (IU-Xray / MIMIC-CXR style, de-identified with XXXX), and model outputs.
+REPORTS = [
+    ("The heart is normal in size. The mediastinum is unremarkable. The lungs are clear.",
+     "The cardiomediastinal silhouette is within normal limits for size and contour. The lungs are normally inflated "
+     "without evidence of focal airspace disease, pleural effusion, or pneumothorax. Stable calcified granuloma within "
+     "the right upper lung. No acute bone abnormality."),
+    ("Heart size normal.Lungs clear. No pneumothorax or pleural effusion.",
+     "Heart size and pulmonary vascularity appear within normal limits. A large hiatal hernia is noted. The lungs are "
+     "free of focal airspace disease. No pneumothorax or pleural effusion is seen. Degenerative changes of the T-spine."),
+    ("There is a 3.2 x 4.1 cm opacity in the left lower lobe, concerning for pneumonia.",
+     "Left lower lobe airspace opacity measuring approximately 3.2 x 4.1 cm, consistent with pneumonia. Dr. XXXX was "
+     "notified of the findings at 10:30 a.m. on XXXX. Follow-up radiographs in 4-6 weeks."),
+    ("Compared with CT. There is no change in the 5mm nodule (right apex).",
+     "Comparison: CT chest XXXX. Findings: 1. Unchanged 5 mm nodule at the right apex.There is no new nodule. "
+     "2. Normal heart size. Impression: Stable exam; no acute cardiopulmonary process."),
+    ("XXXX XXXX are intact. Lungs are hyperexpanded, e.g. COPD.",
+     "The lungs are hyperexpanded with flattening of the diaphragms, i.e. emphysema. XXXX.In addition, "
+     "there are postoperative changes (median sternotomy wires). No pneumothorax."),
+    ("No acute cardiopulmonary abnormality.",
+     "No acute cardiopulmonary abnormality. The patient's heart size is upper limits of normal; no effusion."),
+]
+
+
+@needs_java
+def test_default_report_metrics_equal_pycocoevalcap():
+    """The whole pipeline against pycocoevalcap run directly, its own tokenizer wrapper included.
+
+    METEOR is the same pycocoevalcap class on the same tokenized strings (checked here), so it is not run twice
+    (a METEOR start takes about 20 s on two cores).
+    """
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    preds, refs = [p for p, _ in REPORTS], [r for _, r in REPORTS]
+    tokenizer = PTBTokenizer()
+    gts = tokenizer.tokenize({i: [{"caption": r}] for i, r in enumerate(refs)})
+    res = tokenizer.tokenize({i: [{"caption": p}] for i, p in enumerate(preds)})
+    expected = dict(zip((f"bleu_{n}" for n in range(1, 5)), Bleu(4).compute_score(gts, res, verbose=0)[0]))
+    expected |= {"rouge_l": Rouge().compute_score(gts, res)[0], "cider": Cider().compute_score(gts, res)[0]}
+    for tokenizer_name in ("auto", "ptb-python"):
+        used = resolve_tokenizer(tokenizer_name)
+        assert report_metrics._tokenize(preds, used) == [res[i][0] for i in range(len(preds))]
+        assert report_metrics._tokenize(refs, used) == [gts[i][0] for i in range(len(refs))]
+        result = evaluate_reports(preds, refs, tokenizer=tokenizer_name, meteor=False)
+        assert result.tokenizer == ("ptb-java" if tokenizer_name == "auto" else "ptb-python")
+        for key, value in expected.items():
+            assert result.corpus[key] == pytest.approx(value, abs=1e-6), (tokenizer_name, key)
 
 
 def test_identical_reports_score_one():
@@ -99,7 +152,7 @@ def test_equals_pycocoevalcap_scorers():
     res = {i: [ptb_tokenize(p)] for i, p in enumerate(preds)}
     gts = {i: [ptb_tokenize(r) for r in rs] for i, rs in enumerate(refs)}
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    result = evaluate_reports(preds, refs, meteor=False)
+    result = evaluate_reports(preds, refs, meteor=False, tokenizer="ptb-python")
     assert [result.corpus[f"bleu_{n}"] for n in range(1, 5)] == pytest.approx(bleu, rel=1e-12)
     assert result.corpus["rouge_l"] == pytest.approx(Rouge().compute_score(gts, res)[0], rel=1e-12)
     assert result.corpus["cider"] == pytest.approx(Cider().compute_score(gts, res)[0], rel=1e-12)
@@ -117,6 +170,7 @@ def test_meteor_with_java():
 
 def test_meteor_left_out_without_java(monkeypatch, caplog):
     monkeypatch.setattr(report_metrics, "java_available", lambda: False)
+    assert resolve_tokenizer() == "ptb-python"
     assert "meteor" not in score_reports(["heart normal"], ["heart normal"])
     assert "METEOR" in caplog.text
     with pytest.raises(RuntimeError, match="Java"):
@@ -128,7 +182,6 @@ def test_input_checks_and_clinical_plugins(monkeypatch):
         score_reports(["a", "b"], ["a"], meteor=False)
     with pytest.raises(ValueError):
         score_reports(["a"], [[]], meteor=False)
-    assert report_metrics.CLINICAL_METRICS == {}
     monkeypatch.setattr(report_metrics, "CLINICAL_METRICS", {})
     register_clinical_metric("stub", lambda preds, refs: {"n_refs": sum(map(len, refs))})
     with pytest.raises(ValueError, match="already"):

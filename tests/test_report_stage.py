@@ -41,8 +41,21 @@ def test_summary_means_and_stds_over_seeds(tmp_path):
     table = summary_table(files)
     assert table.filter(pl.col("method") == "a3tune")["seed"].to_list() == [0, 1]
     markdown = summary_markdown(table)
-    assert "| a3tune | 2 | 0.800 ± 0.141 |" in markdown  # closed: mean 0.8, sample std 0.1414
-    assert "| base | - | 0.500 |" in markdown and "BLEU-4" in markdown
+    assert "| a3tune | 2 | 10 | 0.800 ± 0.141 |" in markdown  # closed: mean 0.8, sample std 0.1414
+    assert "| base | - | 10 | 0.500 |" in markdown and "BLEU-4" in markdown
+    assert "Samples not scored" not in markdown
+
+
+def test_summary_counts_the_samples_a_run_lost(tmp_path):
+    files = [_metrics(tmp_path, "base", 0.5, 0.1), _metrics(tmp_path, "a3tune-seed0", 0.7, 0.4)]
+    metrics = json.loads(files[1].read_text())
+    metrics["metrics"] |= {"n": 8, "samples": {"used": 8, "skipped": {"image_missing": 1, "image_unreadable": 1}}}
+    files[1].write_text(json.dumps(metrics))
+    table = summary_table(files)
+    assert table.select("run", "n", "n_skipped").rows() == [("a3tune-seed0", 8, 2), ("base", 10, 0)]
+    markdown = summary_markdown(table)
+    assert "| a3tune | 1 | 8 |" in markdown
+    assert "Samples not scored: a3tune-seed0 2 (image_missing 1, image_unreadable 1)." in markdown
     out = tmp_path / "out"
     write_report(files, out / "summary.parquet", out / "summary.md", out / "figures")
     assert read_provenance(out / "summary.parquet").stage == "report"

@@ -59,8 +59,32 @@ def test_shards_gather_into_predictions_attention_and_metrics(inputs, tmp_path):
     # score.meteor: false leaves METEOR out whether or not Java is on PATH (the CLI's --meteor no)
     from a3tune.cli import main
 
-    main(["score_gather", "--out", str(tmp_path / "no-meteor"), "--meteor", "no", *map(str, tables)])
-    assert "meteor" not in json.loads((tmp_path / "no-meteor" / "metrics.json").read_text())["metrics"]["report"]
+    main(["score_gather", "--out", str(tmp_path / "no-meteor"), "--meteor", "no", "--tokenizer", "ptb-python",
+          "--reference-quirks", "no", *map(str, tables)])  # fmt: skip
+    plain = json.loads((tmp_path / "no-meteor" / "metrics.json").read_text())["metrics"]
+    assert "meteor" not in plain["report"] and plain["report"]["tokenizer"] == "ptb-python"
+    assert plain["vqa"]["reference_quirks"] is False and saved["metrics"]["vqa"]["reference_quirks"] is True
+    # every test sample accounted for; open answers carry the reference's NLTK BLEU; the decoding length used
+    assert saved["metrics"]["samples"] == {"used": test.height, "skipped": {}}
+    assert saved["metrics"]["report"]["tokenizer"] in ("ptb-java", "ptb-python")
+    assert {"bleu", "bleu_1", "bleu_2", "bleu_3"} <= set(saved["metrics"]["vqa"]["open"])
+    assert saved["metrics"]["decoding"]["max_new_tokens_used"] == {"report": 3, "vqa": 3}
+
+
+def test_samples_with_unusable_images_are_counted(inputs, tmp_path):
+    images = read_parquet(inputs / "images.parquet")
+    train = read_parquet(inputs / "samples.parquet").filter(pl.col("split") == "train")  # several images
+    lost = train["image_id"][0]
+    n_lost = train.filter(pl.col("image_id") == lost).height
+    bad = images.with_columns(pl.when(pl.col("image_id") == lost).then(pl.lit("unreadable")).otherwise(pl.col("status"))
+                              .alias("status"))  # fmt: skip
+    write_parquet(bad, tmp_path / "images.parquet", Provenance("import", {}, {}))
+    table = score_shard({"path": str(inputs / "model")}, inputs / "samples.parquet", tmp_path / "images.parquet",
+                        inputs, inputs / "raw", tmp_path / "shard.parquet", split="train", batch_size=4,
+                        decode={"num_beams": 1, "max_new_tokens": 2}, progress=False, limit=2)  # fmt: skip
+    accounting = read_provenance(tmp_path / "shard.parquet").params["samples"]
+    assert table.height == accounting["used"] == 2
+    assert accounting["skipped"] == {"image_unreadable": n_lost, "limit": train.height - n_lost - 2}
 
 
 @pytest.mark.parametrize("baseline", ["pai", "vcd"])
@@ -69,7 +93,8 @@ def test_baselines_decode_greedily(inputs, tmp_path, baseline):
     assert table.height == 2
     assert read_provenance(tmp_path / "shard.parquet").params["dtype"] == "torch.float32"
     assert read_provenance(tmp_path / "shard.parquet").params["decoding"] == {
-        "num_beams": 1, "max_new_tokens": 3, "stop": [], "do_sample": False, "baseline": baseline}  # fmt: skip
+        "num_beams": 1, "max_new_tokens": 3, "stop": [], "do_sample": False, "baseline": baseline,
+        "max_new_tokens_used": {"vqa": 3}}  # fmt: skip
 
 
 def test_unknown_baseline_is_refused(inputs, tmp_path):

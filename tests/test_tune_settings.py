@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import polars as pl
 import pytest
 
 from a3tune.tune.settings import TuneSettings, dataset_presets, method_presets, resolve_settings
+from a3tune.tune.tune_stage import on_cue_shuffled_twins
 
 
 def test_every_preset_combination_is_valid():
     assert dataset_presets() == ["iu_xray", "mimic_cxr", "pathvqa", "phantom", "slake", "vqarad"]
-    assert method_presets() == ["a3tune", "all_heads", "dynamic_heads", "lora", "no_moe"]
+    assert method_presets() == ["a3tune", "all_heads", "dynamic_heads", "lora", "lora_nocue", "no_moe"]
     for dataset in dataset_presets():
         for method in method_presets():
             assert isinstance(resolve_settings(dataset, method), TuneSettings)
@@ -78,3 +80,21 @@ def test_bad_settings_are_refused(overrides, message):
 def test_grad_accum_needs_a_divisible_global_batch():
     with pytest.raises(ValueError, match="not a multiple"):
         resolve_settings("slake", "a3tune").grad_accum(world_size=3)
+
+
+def test_lora_nocue_is_plain_lora_on_the_cue_shuffled_twins():
+    nocue, lora = resolve_settings("phantom", "lora_nocue"), resolve_settings("phantom", "lora")
+    assert nocue.train_images == "cue_shuffled" and lora.train_images == "original"
+    assert {**nocue.to_dict(), "train_images": "original"} == lora.to_dict()
+    with pytest.raises(ValueError, match="train_images must be one of"):
+        resolve_settings("phantom", "lora", {"train_images": "flipped"})
+
+
+def test_twins_replace_the_images_and_their_absence_is_refused():
+    samples = pl.DataFrame({"sample_id": ["a", "b"], "path": ["images/a.png", "images/b.png"],
+                            "image_cue_shuffled": ["cue_shuffled/a.png", "cue_shuffled/b.png"]})  # fmt: skip
+    assert on_cue_shuffled_twins(samples, "s.parquet")["path"].to_list() == ["cue_shuffled/a.png", "cue_shuffled/b.png"]
+    with pytest.raises(ValueError, match="1 of 2 training samples in s.parquet have none"):
+        on_cue_shuffled_twins(samples.with_columns(pl.Series("image_cue_shuffled", ["x.png", None])), "s.parquet")
+    with pytest.raises(ValueError, match="2 of 2"):
+        on_cue_shuffled_twins(samples.drop("image_cue_shuffled"), "s.parquet")

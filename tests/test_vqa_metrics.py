@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import polars as pl
 import pytest
 
@@ -115,3 +117,16 @@ def test_summaries_with_counts():
     assert organs["Lung"]["open"]["n"] == 1 and organs["Lung"]["open"]["recall"] == 1.0
     assert organs["Abdomen"]["closed"] == {"n": 0, "accuracy": None}
     assert "per_organ" not in summarize_vqa(score_vqa(_predictions().drop("organ")))
+
+
+def test_open_bleu_as_the_reference_scorer_by_hand():
+    from a3tune.score.vqa_metrics import open_bleu
+
+    # normalised "left lung lower lobe" both sides (the article goes): every order matches, no brevity penalty
+    assert open_bleu("The left lung lower lobe.", "left lung lower lobe") == pytest.approx(
+        {"bleu": 1.0, "bleu_1": 1.0, "bleu_2": 1.0, "bleu_3": 1.0})  # fmt: skip
+    # 4 hypothesis words, 2 reference words: unigram precision 2/4, bigram 1/3 ("left lung"), no trigram; BP 1
+    s = open_bleu("left lung is enlarged", "left lung")
+    assert (s["bleu_1"], s["bleu_2"]) == pytest.approx((0.5, 1 / 3)) and s["bleu_3"] < 1e-300 and s["bleu"] < 1e-100
+    # shorter than the reference: brevity penalty exp(1 - 2/1)
+    assert open_bleu("lung", "left lung")["bleu_1"] == pytest.approx(math.exp(-1))

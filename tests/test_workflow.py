@@ -95,13 +95,28 @@ def test_tiny_dag_runs_and_artifacts_carry_provenance(tmp_path, tiny_config):
             assert read_parquet(results / "predictions.parquet").height == samples.filter(pl.col("split") == "test").height
             assert "grounding" in json.loads((results / "metrics.json").read_text())["metrics"]
     summary = (tmp_path / "results" / "summary.md").read_text()
-    assert all(f"| {method} |" in summary for method in ("base", "lora", "a3tune", "lora+pai", "lora+vcd"))
+    assert all(f"| {method} |" in summary for method in ("base", "lora", "lora_nocue", "a3tune", "lora+pai", "lora+vcd"))
+    assert "cue disagrees" in summary and "minus lora [95 % CI]" in summary
+    assert "| method | seeds | n |" in summary  # samples scored per run; skips would add a note under the table
+    metrics = json.loads(next((tmp_path / "results").glob("*/*/metrics.json")).read_text())["metrics"]
+    assert metrics["samples"]["used"] == metrics["n"] and "skipped" in metrics["samples"]
+    table = read_parquet(tmp_path / "results" / "summary.parquet")
+    paired = table.filter(pl.col("method").is_in(["a3tune", "lora_nocue", "lora+pai"]))["closed_acc_minus_lora"]
+    assert paired.is_not_null().all() and table.filter(pl.col("method") == "lora")["closed_acc_minus_lora"].is_null().all()
+    nocue_run = tmp_path / "runs" / "lora_nocue" / "phantom" / "seed-0" / "train_log.parquet"
+    assert "cue_shuffled" in read_provenance(nocue_run).inputs  # trained on the twins
     assert {p.name for p in (tmp_path / "results" / "figures").glob("*.png")} == {"metrics-phantom.png", "attention-phantom.png"}
     # Every rule wrote its log and benchmark.
     assert list((tmp_path / "logs").rglob("*.log")) and list((tmp_path / "benchmarks").rglob("*.tsv"))
     # A second run has nothing to do.
     again = run_snakemake(tmp_path, "--cores", "2", "-n", config=tiny_config)
     assert "Nothing to be done" in again.stdout + again.stderr
+    # The same config run again from scratch in another folder gives a byte-identical table.
+    twin = tmp_path.parent / f"{tmp_path.name}-again"
+    proc = run_snakemake(twin, "--cores", "2", config=tiny_config)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for name in ("summary.md", "summary.parquet"):
+        assert (twin / "results" / name).read_bytes() == (tmp_path / "results" / name).read_bytes(), name
 
 
 @pytest.mark.slow

@@ -89,7 +89,7 @@ def _cmd_demo_lvlm(args: argparse.Namespace) -> None:
 
     train_demo_lvlm(
         args.samples, args.images, args.root, args.out, architecture=args.architecture, training=args.training,
-        seed=args.seed, progress=not args.no_progress,
+        pretrain=args.pretrain or None, seed=args.seed, progress=not args.no_progress,
     )  # fmt: skip
 
 
@@ -144,13 +144,20 @@ def _cmd_score(args: argparse.Namespace) -> None:
 def _cmd_score_gather(args: argparse.Namespace) -> None:
     from a3tune.score.score_stage import gather
 
-    gather(args.tables, args.out, meteor={"yes": True, "no": False, "auto": None}[args.meteor])
+    if args.chexbert:  # a clinical metric plugin, from local weights (README "Scoring and the report")
+        from a3tune.score.clinical_metrics import chexbert_metric
+        from a3tune.score.report_metrics import register_clinical_metric
+
+        register_clinical_metric("chexbert", chexbert_metric(**args.chexbert))
+    gather(args.tables, args.out, meteor={"yes": True, "no": False, "auto": None}[args.meteor],
+           tokenizer=args.tokenizer, reference_quirks=args.reference_quirks == "yes")  # fmt: skip
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
     from a3tune.score.report_stage import write_report
 
-    write_report(args.metrics, args.table, args.markdown, args.figures, overlays=args.overlays)
+    write_report(args.metrics, args.table, args.markdown, args.figures, samples_files=args.samples,
+                 overlays=args.overlays)  # fmt: skip
     log.info("report: %s", args.markdown)
 
 
@@ -264,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", required=True, type=Path, help="data root")
     p.add_argument("--architecture", type=json_object, default={}, help="model sizes (JSON, build_tiny_llava)")
     p.add_argument("--training", type=json_object, default={}, help="steps, batch_size, lr, ... (JSON)")
+    p.add_argument("--pretrain", type=json_object, default={},
+                   help="phantom parameters of an own pre-training image set (JSON; empty: the training split)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the batches")
     p.add_argument("--out", required=True, type=Path, help="output model folder (Hugging Face format)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -296,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", required=True, type=Path, help="data root")
     p.add_argument("--heads", type=Path, default=None, help="the probe's heads.parquet (methods with static heads)")
     p.add_argument("--preset", required=True, help="data set preset: slake, vqarad, pathvqa, iu_xray, mimic_cxr, phantom")
-    p.add_argument("--method", required=True, help="a3tune, lora, no_moe, all_heads or dynamic_heads")
+    p.add_argument("--method", required=True, help="method preset: a3tune, lora, lora_nocue, no_moe, all_heads or dynamic_heads")
     p.add_argument("--overrides", type=json_object, default={}, help="settings that replace the presets' (JSON)")
     p.add_argument("--backbone", default="auto", choices=("auto", *BACKBONES),
                    help="whose preset numbers to use; auto: from the model's config (mistral: v1.5, llama: v1)")  # fmt: skip
@@ -336,6 +345,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output folder (results/<run>/<ds>)")
     p.add_argument("--meteor", choices=["auto", "yes", "no"], default="auto",
                    help="METEOR 1.5 on report samples (needs Java); auto: when Java is on PATH")
+    p.add_argument("--tokenizer", choices=["auto", "ptb-java", "ptb-python"], default="auto",
+                   help="PTB tokenizer of the report metrics: the CoreNLP jar (Java) or its Python equivalent; "
+                        "auto: the jar when Java is on PATH")
+    p.add_argument("--reference-quirks", choices=["yes", "no"], default="yes",
+                   help="VQA scored with the reference scorer's quirks (yes, comparable with the paper) or corrected")
+    p.add_argument("--chexbert", type=json_object, default={},
+                   help='CheXbert label F1 of report samples from local weights (JSON): {"checkpoint": '
+                        '"/path/chexbert.pth", "bert": "/path/bert-base-uncased", "uncertain_positive": true}; '
+                        "empty: not run")  # fmt: skip
     p.add_argument("tables", nargs="+", type=Path, help="shard tables")
     p.set_defaults(func=_cmd_score_gather)
 
@@ -345,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", required=True, type=Path, help="output summary.md")
     p.add_argument("--figures", type=Path, default=None, help="output folder of figures")
     p.add_argument("--overlays", type=json_list, default=[], help="attention overlay settings per data set (JSON)")
+    p.add_argument("--samples", nargs="*", type=Path, default=[],
+                   help="the data sets' samples.parquet: closed accuracy per cue/confuser group and paired "
+                        "differences to LoRA, from each run's predictions.parquet")  # fmt: skip
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("inspect", help="print an artifact's schema, counts, statuses and provenance")

@@ -12,6 +12,7 @@ rule demo_lvlm:
     params:
         architecture=json.dumps(MODEL.get("demo", {}).get("architecture", {}), sort_keys=True),
         training=json.dumps(MODEL.get("demo", {}).get("training", {}), sort_keys=True),
+        pretrain=json.dumps(MODEL.get("demo", {}).get("pretrain") or {}, sort_keys=True),
         seed=MODEL.get("demo", {}).get("seed", 0),
     log:
         "logs/demo_lvlm/{ds}.log",
@@ -23,7 +24,8 @@ rule demo_lvlm:
         mem_mb=4000,
     shell:
         "a3tune demo_lvlm --samples {input.samples:q} --images {input.images:q} --root {input.root:q}"
-        " --architecture {params.architecture:q} --training {params.training:q} --seed {params.seed:q}"
+        " --architecture {params.architecture:q} --training {params.training:q} --pretrain {params.pretrain:q}"
+        " --seed {params.seed:q}"
         " --out {output.model:q} > {log:q} 2>&1"
 
 

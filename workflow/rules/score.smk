@@ -40,9 +40,15 @@ rule score:
         " --out {output:q} > {log:q} 2>&1"
 
 
+# CheXbert label F1 of the reports (score.clinical.chexbert): its local weights are inputs of score_gather, so a
+# missing checkpoint or BERT folder is named before any job runs.
+CHEXBERT = (SCORE.get("clinical") or {}).get("chexbert") or {}
+
+
 rule score_gather:
     input:
-        expand("results/{{run}}/{{ds}}/shards/shard-{shard}.parquet", shard=range(SCORE_SHARDS)),
+        tables=expand("results/{{run}}/{{ds}}/shards/shard-{shard}.parquet", shard=range(SCORE_SHARDS)),
+        chexbert=[CHEXBERT[key] for key in ("checkpoint", "bert") if CHEXBERT],
     output:
         predictions="results/{run}/{ds}/predictions.parquet",
         attention="results/{run}/{ds}/attention.parquet",
@@ -50,6 +56,9 @@ rule score_gather:
     params:
         out=lambda wildcards: f"results/{wildcards.run}/{wildcards.ds}",
         meteor={True: "yes", False: "no"}.get(SCORE.get("meteor"), "auto"),
+        tokenizer=SCORE.get("tokenizer", "auto"),
+        reference_quirks="yes" if SCORE.get("vqa", {}).get("reference_quirks", True) else "no",
+        chexbert=json.dumps(CHEXBERT, sort_keys=True),
     log:
         "logs/score_gather/{run}/{ds}.log",
     benchmark:
@@ -57,13 +66,15 @@ rule score_gather:
     conda:
         ENV
     shell:
-        "a3tune score_gather --out {params.out:q} --meteor {params.meteor:q} {input:q} > {log:q} 2>&1"
+        "a3tune score_gather --out {params.out:q} --meteor {params.meteor:q} --tokenizer {params.tokenizer:q}"
+        " --reference-quirks {params.reference_quirks:q} --chexbert {params.chexbert:q} {input.tables:q} > {log:q} 2>&1"
 
 
 rule report:
     input:
         metrics=expand("results/{run}/{ds}/metrics.json", run=score_runs(), ds=DATASETS),
         attention=expand("results/{run}/{ds}/attention.parquet", run=score_runs(), ds=DATASETS),
+        predictions=expand("results/{run}/{ds}/predictions.parquet", run=score_runs(), ds=DATASETS),
         samples=expand("data/{ds}/samples.parquet", ds=DATASETS),
         images=expand("data/{ds}/images.parquet", ds=DATASETS),
     output:
@@ -85,4 +96,4 @@ rule report:
         ENV
     shell:
         "a3tune report --table {output.table:q} --markdown {output.markdown:q} --figures {output.figures:q}"
-        " --overlays {params.overlays:q} {input.metrics:q} > {log:q} 2>&1"
+        " --overlays {params.overlays:q} --samples {input.samples:q} -- {input.metrics:q} > {log:q} 2>&1"

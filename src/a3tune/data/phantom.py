@@ -3,6 +3,7 @@
 ``generate`` writes a data root that ``read`` (format ``phantom`` of the importer) turns into samples:
 
     images/<image_id>.png            RGB scan
+    cue_shuffled/<image_id>.png      its twin with the cue at chance (train and val images only)
     masks/<image_id>/<name>.png      0/255 mask of every structure (organs, lesion_0, cyst_0, marker, ...)
     masks/<image_id>/findings.png    union of lesion and cyst masks, for report samples with findings
     phantom.json                     config, per-image structures and every sample
@@ -17,6 +18,12 @@ elsewhere: in a "no" image a lesion in another organ (a model that sees any lesi
 a "yes" image a dark lesion-sized cyst in another organ (a model that finds any spot names the
 wrong organ). Rates are quotas, not coin flips: each split has exactly round(rate x n) such images,
 drawn separately among "yes" and "no" images, so a small test split still measures what it should.
+
+Every training and validation image also has a **cue-shuffled twin**: the same scan with the marker
+drawn at chance (agreement 0.5, its own quota), the only pixels that differ being the marker's. A
+run tuned on the twins (method ``lora_nocue``; a sample's ``image_cue_shuffled``) learns the task
+from the same images without a shortcut to take: the reference that shows the task can be solved by
+looking, and how much the cue costs a run tuned on the originals.
 """
 
 from __future__ import annotations
@@ -254,6 +261,16 @@ def plan_split(cfg: PhantomConfig, split: str) -> list[ImagePlan]:
     return plans
 
 
+TWIN_SPLITS = ("train", "val")
+
+
+def cue_shuffled_twins(cfg: PhantomConfig, split: str, plans: list[ImagePlan]) -> list[ImagePlan]:
+    """The plans of ``split`` with the cue redrawn at agreement 0.5 (own stream; the plans stay as they are)."""
+    positive = np.array([p.answer == "yes" for p in plans], bool)
+    agrees = _split_quota(_rng(cfg.seed, SPLITS.index(split), 3, 0), positive, 0.5)
+    return [dataclasses.replace(p, cue=bool(pos) == bool(a)) for p, pos, a in zip(plans, positive, agrees)]
+
+
 def draw(cfg: PhantomConfig, plan: ImagePlan) -> Scene:
     """The image and masks of one plan, from the image's own random stream."""
     return draw_scene(
@@ -283,7 +300,8 @@ def samples_for(plan: ImagePlan, scene: Scene, cfg: PhantomConfig) -> list[dict[
     masks = f"masks/{plan.image_id}"
     base = {"image": f"images/{plan.image_id}.png", "split": plan.split, "location": LOCATION, "modality": MODALITY}
     extra = {"target": plan.target, "cue": "present" if plan.cue else "absent",
-             "cue_agrees": "yes" if plan.cue == (plan.answer == "yes") else "no", "confuser": plan.confuser}
+             "cue_agrees": "yes" if plan.cue == (plan.answer == "yes") else "no", "confuser": plan.confuser,
+             "image_cue_shuffled": f"cue_shuffled/{plan.image_id}.png" if plan.split in TWIN_SPLITS else None}
     target = ORGANS[plan.target].display
     rows = [{"sample_id": f"{plan.image_id}_closed", **base, "question": CLOSED_Q.format(organ=target),
              "answer": plan.answer, "answer_type": "closed", "task": "vqa", "organ": target,
@@ -311,8 +329,12 @@ def generate(cfg: PhantomConfig, out: str | os.PathLike) -> Path:
     images, samples = [], []
     with atomic_dir(out) as tmp:
         (tmp / "images").mkdir()
+        (tmp / "cue_shuffled").mkdir()
         for split in SPLITS:
-            for plan in plan_split(cfg, split):
+            plans = plan_split(cfg, split)
+            for twin in cue_shuffled_twins(cfg, split, plans) if split in TWIN_SPLITS else []:
+                _save_png(draw(cfg, twin).image, tmp / "cue_shuffled" / f"{twin.image_id}.png")
+            for plan in plans:
                 scene = draw(cfg, plan)
                 mask_dir = tmp / "masks" / plan.image_id
                 mask_dir.mkdir(parents=True)

@@ -7,6 +7,11 @@ language-modelling loss on the answers of the training split. The result is the 
 the probe ranks and that tuning starts from; it is saved in Hugging Face format (safetensors,
 config, processor) with a ``provenance.json`` and the training curve, so ``load_lvlm`` reads it
 like any local checkpoint.
+
+With ``pretrain`` (phantom generator parameters) the model pre-trains on an image set of its own
+instead, drawn in memory from those parameters and disjoint from the tuning data set, as a real
+Med-LVLM's pre-training data is: many more images cost no weak labels (no SAM time), so the base
+model can learn to see lesions and organs before tuning teaches it the closed task.
 """
 
 from __future__ import annotations
@@ -43,10 +48,12 @@ def train_demo_lvlm(
     *,
     architecture: dict[str, Any] | None = None,
     training: dict[str, Any] | None = None,
+    pretrain: dict[str, Any] | None = None,
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, float]:
-    """Build the stand-in LLaVA, pre-train it on the training split, save it to ``out_dir``.
+    """Build the stand-in LLaVA, pre-train it on the training split (or on the ``pretrain`` phantom
+    set's), save it to ``out_dir``.
 
     ``architecture`` holds ``build_tiny_llava`` keyword arguments; ``training`` overrides
     ``TRAIN_DEFAULTS``. Returns the first and last logged losses.
@@ -65,13 +72,17 @@ def train_demo_lvlm(
     corpus = samples["question"].to_list() + samples["answer"].to_list()
     torch.manual_seed(seed)
     lvlm = build_tiny_llava(corpus=corpus, seed=seed, **architecture)
-    data = samples.filter(pl.col("split") == "train").join(images.select("image_id", "path"), on="image_id")
+    if pretrain is not None:
+        data, pixels = phantom_pretraining_set(pretrain)
+    else:
+        data = samples.filter(pl.col("split") == "train").join(images.select("image_id", "path"), on="image_id")
     if train["answer_types"]:
         data = data.filter(pl.col("answer_type").is_in(list(train["answer_types"])))
     if data.is_empty():
         raise ValueError(f"demo_lvlm: no training samples with a usable image and answer type "
-                         f"{train['answer_types'] or 'any'} in {samples_path}")  # fmt: skip
-    pixels = {p: load_rgb(resolve_under(root, p)) for p in data["path"].unique().sort()}
+                         f"{train['answer_types'] or 'any'} in {'the pretrain set' if pretrain else samples_path}")  # fmt: skip
+    if pretrain is None:
+        pixels = {p: load_rgb(resolve_under(root, p)) for p in data["path"].unique().sort()}
 
     model = lvlm.model.train()
     engine = Engine(model, lr=train["lr"], weight_decay=train["weight_decay"], warmup=train["warmup"],
@@ -92,7 +103,8 @@ def train_demo_lvlm(
 
     provenance = Provenance(
         stage="demo_lvlm",
-        params={"architecture": architecture, "training": train, "seed": seed, "train_samples": data.height},
+        params={"architecture": architecture, "training": train, "pretrain": pretrain, "seed": seed,
+                "train_samples": data.height},
         inputs={"samples.parquet": hash_path(samples_path), "images.parquet": hash_path(images_path)},
     )
     with atomic_dir(out_dir) as tmp:
@@ -104,3 +116,22 @@ def train_demo_lvlm(
     log.info("demo_lvlm: %d steps on %d samples, loss %.3f -> %.3f", train["steps"], data.height,
              summary["first_loss"], summary["last_loss"])  # fmt: skip
     return summary
+
+
+def phantom_pretraining_set(params: dict[str, Any]) -> tuple[pl.DataFrame, dict[str, np.ndarray]]:
+    """The training split of the phantom drawn from ``params``, in memory: its samples (sample_id,
+    question, answer, answer_type, path) and each path's pixels. No files: the parameters, recorded
+    in the model's provenance, give the same images again."""
+    from a3tune.data.phantom import PhantomConfig, draw, plan_split, samples_for
+
+    cfg = PhantomConfig.from_dict(params)
+    rows, pixels = [], {}
+    for plan in plan_split(cfg, "train"):
+        scene = draw(cfg, plan)
+        records = samples_for(plan, scene, cfg)
+        pixels[records[0]["image"]] = scene.image
+        rows += [{k: r[k] for k in ("sample_id", "question", "answer", "answer_type")} | {"path": r["image"]}
+                 for r in records]  # fmt: skip
+    if not rows:
+        raise ValueError(f"demo_lvlm: the pretrain set {params} has no training images (n_images.train)")
+    return pl.DataFrame(rows), pixels

@@ -7,7 +7,8 @@ model: SDPA computes the output, and one extra SDPA call per layer gives each qu
 share and inside-label mass without any N×N probability map (``a3tune.models.capture``).
 
 Writes ``heads.parquet`` (DESIGN.md §3: layer, head, score, inside_score, rank, selected; the
-probe's parameters in the provenance) and a layers × heads heatmap PNG for the report.
+probe's parameters in the provenance, with ``samples``: how many samples of the split were probed and
+how many were skipped, by reason) and a layers × heads heatmap PNG for the report.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from a3tune.data.images import load_rgb, resolve_under
+from a3tune.io.accounting import add_skipped, split_accounting
 from a3tune.io.parquet import write_parquet
 from a3tune.io.provenance import Provenance, hash_path, read_provenance
 from a3tune.io.zarr_store import open_store
@@ -61,7 +63,7 @@ def run_probe(
     lvlm.model.to(device).eval()
     enable_capture(lvlm.model)
 
-    probe_set = choose_probe_set(samples_path, images_path, labels_table, split, n_samples, seed)
+    probe_set, accounting = choose_probe_set(samples_path, images_path, labels_table, split, n_samples, seed)
     grids = open_store(labels_store)["grid"]
     text = lvlm.model.config.text_config
     acc = HeadScoreAccumulator(text.num_hidden_layers, text.num_attention_heads)
@@ -88,7 +90,7 @@ def run_probe(
             "requested_samples": n_samples, "batch_size": batch_size, "top_k": top_k, "rank_by": rank_by,
             "seed": seed, "n_layers": acc.n_layers, "n_heads": acc.n_heads,
             "selected": int(table["selected"].sum()), "grid": lvlm.grid, "preprocess": lvlm.preprocess,
-            "dtype": str(lvlm.model.dtype),
+            "dtype": str(lvlm.model.dtype), "samples": accounting,
         },
         inputs=_input_hashes(model, samples_path, images_path, labels_table, labels_store),
     )  # fmt: skip
@@ -98,8 +100,8 @@ def run_probe(
 
         write_heatmap(table, out_figure, title=f"{acc.n_samples} probe samples ({acc.n_labelled} labelled)")
     top = table.sort("rank").head(5)
-    log.info("probe_heads: %d samples, %d heads, top %s", acc.n_samples, table.height,
-             [(r["layer"], r["head"], round(r["score"], 3)) for r in top.iter_rows(named=True)])  # fmt: skip
+    log.info("probe_heads: %d samples (skipped: %s), %d heads, top %s", acc.n_samples, accounting["skipped"],
+             table.height, [(r["layer"], r["head"], round(r["score"], 3)) for r in top.iter_rows(named=True)])  # fmt: skip
     return table
 
 
@@ -117,11 +119,15 @@ def check_label_geometry(labels_store: str | os.PathLike, lvlm) -> None:
                          "to the model's geometry and rerun refine")  # fmt: skip
 
 
-def choose_probe_set(samples_path, images_path, labels_table, split: str, n: int, seed: int) -> pl.DataFrame:
+def choose_probe_set(
+    samples_path, images_path, labels_table, split: str, n: int, seed: int
+) -> tuple[pl.DataFrame, dict[str, object]]:
     """A seeded sample of ``split`` with usable images, from the labelled samples when there are any.
 
     Columns: sample_id, question, answer, path (image, relative to the data root) and label_row
-    (null without a usable label); sorted by sample_id.
+    (null without a usable label); sorted by sample_id. With it, the split's accounting
+    (:func:`a3tune.io.accounting.split_accounting`): skipped for an unusable image (``image_<status>``),
+    for no usable weak label while others have one (``no_label``) and beyond ``n`` (``n_samples``).
     """
     usable = labelled_samples(samples_path, images_path, labels_table, split)
     if usable.is_empty():
@@ -131,7 +137,9 @@ def choose_probe_set(samples_path, images_path, labels_table, split: str, n: int
     if labelled.is_empty():
         log.warning("probe: no sample of split %r has a usable weak label; inside_score stays empty", split)
     chosen = pool.sample(n=min(n, pool.height), seed=seed, shuffle=True) if pool.height > n else pool
-    return chosen.select("sample_id", "question", "answer", "path", "label_row").sort("sample_id")
+    accounting = add_skipped(split_accounting(samples_path, images_path, split), "no_label", usable.height - pool.height)
+    accounting = add_skipped(accounting, "n_samples", pool.height - chosen.height)
+    return chosen.select("sample_id", "question", "answer", "path", "label_row").sort("sample_id"), accounting
 
 
 def _input_hashes(model: dict[str, Any], *paths) -> dict[str, str]:

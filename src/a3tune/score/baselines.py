@@ -22,10 +22,11 @@ sample (``num_beams=1``; the reference decodes PAI greedily and VCD by sampling)
   the contrast pass and leaves the scores as they are.
 
 **VCD** (Leng et al., CVPR 2024, visual contrastive decoding), as its code does it: v' is the
-processor-normalised image after ``noise_step`` steps of forward diffusion,
-``v' = sqrt(ᾱ_t)·v + sqrt(1 − ᾱ_t)·ε``, ε ~ N(0, I) (seeded), ᾱ_t = Π_{s<t} (1 − β_s) over VCD's
-1000-step *sigmoid* schedule β_s = sigmoid(linspace(−6, 6, 1000))_s·(5e-3 − 1e-5) + 1e-5 (so t = 0
-is the image itself). With l(v), l(v') the next-token logits, the scores become
+processor-normalised image at step t = ``noise_step`` of forward diffusion,
+``v' = sqrt(ᾱ_t)·v + sqrt(1 − ᾱ_t)·ε``, ε ~ N(0, I) (seeded), ᾱ_t = Π_{s<=t} (1 − β_s) (VCD's
+``add_diffusion_noise``: the cumulative product *through* t, t in 0..999) over its 1000-step *sigmoid*
+schedule β_s = sigmoid(linspace(−6, 6, 1000))_s·(5e-3 − 1e-5) + 1e-5; VCD's default t is 500.
+With l(v), l(v') the next-token logits, the scores become
 ``(1 + α)·l(v) − α·l(v')`` (α = 1) on the tokens with ``p(v) >= β·max p(v)`` (β = 0.1, the
 adaptive plausibility constraint, i.e. ``l(v) >= log β + max l(v)``) and −inf elsewhere; the
 reference then samples at temperature 1 (``DecodeSettings(do_sample=True)``), greedy also works.
@@ -231,10 +232,10 @@ def pai_processor(
 
 def diffusion_noise(pixel_values: Tensor, noise_step: int, *, seed: int = 0) -> Tensor:
     """``sqrt(ᾱ_t)·x + sqrt(1 − ᾱ_t)·ε`` over VCD's sigmoid β schedule, ε from a generator seeded with ``seed``."""
-    if not 0 <= noise_step <= DIFFUSION_STEPS:
-        raise ValueError(f"noise_step must be in [0, {DIFFUSION_STEPS}], got {noise_step}")
+    if not 0 <= noise_step < DIFFUSION_STEPS:
+        raise ValueError(f"noise_step must be in [0, {DIFFUSION_STEPS - 1}], got {noise_step}")
     betas = torch.sigmoid(torch.linspace(-6, 6, DIFFUSION_STEPS, dtype=torch.float64)) * (0.5e-2 - 1e-5) + 1e-5
-    alpha_bar = torch.prod(1 - betas[:noise_step])
+    alpha_bar = torch.prod(1 - betas[: noise_step + 1])  # through step t, as VCD's alphas_prod[t]
     noise = torch.randn(pixel_values.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     noised = alpha_bar.sqrt() * pixel_values.cpu().double() + (1 - alpha_bar).sqrt() * noise
     return noised.to(pixel_values.device, pixel_values.dtype)

@@ -14,8 +14,12 @@ from a3tune.io.parquet import read_parquet
 from a3tune.labels.audit import read_gt_mask
 from a3tune.labels.grid import GridSpec, cell_edges
 
-BAR_METRICS = (("closed_acc", "closed acc."), ("open_recall", "open recall"), ("inside_label", "in weak label"),
-               ("inside_gt", "in ground truth"), ("pointing", "pointing game"))  # fmt: skip
+# The closed-accuracy groups (cue agrees / disagrees, with / without confuser) show only where the
+# data set marks them (the phantom): the split that tells looking from following the cue.
+BAR_METRICS = (("closed_acc", "closed acc."), ("closed_acc_cue_agrees", "closed, cue\nagrees"),
+               ("closed_acc_cue_disagrees", "closed, cue\ndisagrees"), ("closed_acc_confuser", "closed,\nconfuser"),
+               ("closed_acc_no_confuser", "closed, no\nconfuser"), ("open_recall", "open recall"),
+               ("inside_label", "in weak label"), ("inside_gt", "in ground truth"), ("pointing", "pointing game"))  # fmt: skip
 
 
 def write_metric_bars(table: pl.DataFrame, out_dir: str | os.PathLike) -> list[Path]:

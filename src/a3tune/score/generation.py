@@ -45,21 +45,35 @@ from a3tune.tune.moe import routing  # noqa: E402
 ProcessorSpec = LogitsProcessor | Callable[[Batch], LogitsProcessor]
 
 
+# Decoding length when the config sets none, by task: reports need hundreds of tokens (the reference allows 1024
+# new tokens for every task); a VQA answer is a word or a phrase, and a short cap keeps a rambling model cheap.
+MAX_NEW_TOKENS = {"vqa": 64, "report": 1024}
+
+
 @dataclasses.dataclass(frozen=True)
 class DecodeSettings:
-    """How answers are decoded; the defaults are the reference's A³Tune setting (5 beams, no sampling)."""
+    """How answers are decoded; the defaults are the reference's A³Tune setting (5 beams, no sampling).
+
+    ``max_new_tokens`` None: per task, :data:`MAX_NEW_TOKENS` (see :meth:`for_tasks`).
+    """
 
     num_beams: int = 5
-    max_new_tokens: int = 64
+    max_new_tokens: int | None = None
     stop: tuple[str, ...] = ()  # the answer ends before the first of these strings
     do_sample: bool = False  # True: plain sampling at temperature 1 (no top-k / top-p)
 
     def __post_init__(self) -> None:
-        if self.num_beams < 1 or self.max_new_tokens < 1:
+        if self.num_beams < 1 or (self.max_new_tokens is not None and self.max_new_tokens < 1):
             raise ValueError(f"num_beams and max_new_tokens must be >= 1, got {self.num_beams}, {self.max_new_tokens}")
         object.__setattr__(self, "stop", tuple(self.stop))
         if not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
+
+    def for_tasks(self, tasks: Sequence[str]) -> DecodeSettings:
+        """These settings with a decoding length: the configured one, else the longest default of ``tasks``."""
+        if self.max_new_tokens is not None:
+            return self
+        return dataclasses.replace(self, max_new_tokens=max(MAX_NEW_TOKENS[t] for t in set(tasks) or {"vqa"}))
 
 
 def load_scored_model(model_spec: dict, adapter_dir: str | None) -> LoadedLvlm:
@@ -96,6 +110,7 @@ def generate_ids(
     lvlm: LoadedLvlm, batch: Batch, settings: DecodeSettings, *, logits_processors: Sequence[ProcessorSpec] | None = None
 ) -> torch.Tensor:
     """(B, T) generated token ids of a prompt batch (the prompt removed; pad after an early end)."""
+    settings = settings.for_tasks(["vqa"])  # a caller that knows its tasks has resolved the length already
     tokenizer = lvlm.processor.tokenizer
     processors = [p if isinstance(p, LogitsProcessor) else p(batch) for p in logits_processors or ()]
     device = lvlm.model.device

@@ -13,11 +13,13 @@ the maintained Python 3 port of coco-caption):
   warning) rather than replaced by a different METEOR (nltk's needs WordNet data that no registry package ships
   for offline use, and its parameters differ from METEOR 1.5, so its numbers would not be the COCO ones).
 
-Tokenisation, as in COCO, comes first: the Stanford PTB tokenizer with lower-casing, then the COCO punctuation
-tokens are dropped. ``tokenizer="ptb"`` runs that Java tokenizer (the CoreNLP jar in the pycocoevalcap wheel);
-the default ``"python"`` is a pure-Python equivalent (:func:`ptb_tokenize`) that needs no Java and gives the same
-tokens on ordinary report text. It keeps one COCO quirk: brackets become ``-lrb-``/``-rrb-`` etc. after
-lower-casing, which the upper-case COCO punctuation list does not match, so they stay as tokens.
+Tokenisation, as in COCO, comes first: the Stanford PTB tokenizer (CoreNLP 3.4.1, ``-preserveLines -lowerCase``)
+then the COCO punctuation tokens are dropped. ``tokenizer="ptb-java"`` runs that jar (shipped in the pycocoevalcap
+wheel; needs Java), ``"ptb-python"`` its pure-Python re-implementation (:mod:`a3tune.score.ptb_tokenizer`, token for
+token the same on report text, tested on over 20,000 sentences), and the default ``"auto"`` the jar whenever Java is on
+PATH. As in pycocoevalcap, predictions and references are tokenized as two batches (a rule's trailing context can
+reach into the next line). One COCO quirk is kept: brackets become ``-lrb-``/``-rrb-`` etc. after lower-casing, which
+the upper-case COCO punctuation list does not match, so they stay as tokens.
 
 Clinical-efficacy metrics (CheXbert, RadGraph) need model weights; they are plugins (:data:`CLINICAL_METRICS`)
 that a caller registers with a local checkpoint path. None is registered here.
@@ -26,7 +28,6 @@ that a caller registers with a local checkpoint path. None is registered here.
 from __future__ import annotations
 
 import logging
-import re
 import shutil
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
@@ -36,30 +37,17 @@ from typing import Literal
 
 import polars as pl
 
+from a3tune.score.ptb_tokenizer import ptb_tokenize_lines
+
 log = logging.getLogger(__name__)
 
 # The tokens COCO's PTBTokenizer wrapper removes (after the tokenizer has lower-cased everything, so the bracket
 # names in upper case never match: that is the COCO behaviour reproduced here).
 COCO_PUNCTUATION = frozenset({"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-",
                               "--", "...", ";"})  # fmt: skip
-# Brackets as PTB names them (lower-cased), a double quote as a PTB quote token (which COCO then removes).
-PTB_SYMBOLS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-", '"': "''"}
-# Words the PTB tokenizer splits in two.
-PTB_SPLITS = {"cannot": "can not", "gonna": "gon na", "gotta": "got ta", "wanna": "wan na"}
-PTB_TOKEN = re.compile(
-    r"""(?P<ellipsis>\.\.\.+)
-      | (?P<initials>\b(?:[a-z]\.)+(?![a-z0-9]))        # e.g.  i.e.  b.  (kept with their periods)
-      | (?P<number>\d+(?:[.,:]\d+)+|\.\d+)               # 1.5  1,000  10:30  .5
-      | (?P<negated>[a-z]+(?=n't\b)|n't\b)               # do n't, ca n't, wo n't
-      | (?P<clitic>'(?:s|re|ve|ll|d|m)\b)                # patient 's, there 's
-      | (?P<word>[a-z0-9]+(?:[-/][a-z0-9]+)*)            # x-ray  t-spine  left/right  5x5  3/4
-      | (?P<dashes>--+)
-      | (?P<marks>[?!]+)
-      | (?P<other>\S)""",
-    re.VERBOSE,
-)
 JAVA_TOKENIZER = ["edu.stanford.nlp.process.PTBTokenizer", "-preserveLines", "-lowerCase"]
 
+Tokenizer = Literal["auto", "ptb-java", "ptb-python"]
 ClinicalMetric = Callable[[list[str], list[list[str]]], Mapping[str, float]]
 CLINICAL_METRICS: dict[str, ClinicalMetric] = {}
 
@@ -77,23 +65,13 @@ def register_clinical_metric(name: str, fn: ClinicalMetric) -> None:
 
 
 def ptb_tokenize(text: str) -> str:
-    """Pure-Python equivalent of COCO's tokenisation: PTB tokens, lower case, COCO punctuation removed.
+    """One text tokenized as COCO does it, in pure Python: PTB tokens, lower case, COCO punctuation removed."""
+    return ptb_tokenize_python([text])[0]
 
-    Matches the CoreNLP 3.4.1 PTBTokenizer (``-preserveLines -lowerCase``) on ordinary report text: punctuation
-    split off, "n't" and "'s"-type clitics split, hyphenated words, fractions, decimals and thousands kept whole,
-    "1.5cm" → "1.5 cm", brackets → "-lrb-" etc. (kept, see the module docstring). It does not know the PTB
-    abbreviation list ("dr." loses its period here) and treats rare symbol sequences ("a<b") differently.
-    """
-    tokens: list[str] = []
-    for match in PTB_TOKEN.finditer(text.lower().replace("\n", " ")):
-        token = match.group()
-        if match.lastgroup == "word":
-            tokens.extend(PTB_SPLITS.get(token, token).split())
-        elif match.lastgroup == "dashes":
-            tokens.append("--")
-        else:
-            tokens.append(PTB_SYMBOLS.get(token, token))
-    return " ".join(t for t in tokens if t not in COCO_PUNCTUATION)
+
+def ptb_tokenize_python(texts: Sequence[str]) -> list[str]:
+    """COCO's tokenisation of a batch (the lines of one tokenizer input), without Java."""
+    return [" ".join(t for t in tokens if t not in COCO_PUNCTUATION) for tokens in ptb_tokenize_lines(list(texts))]
 
 
 def java_available() -> bool:
@@ -117,7 +95,8 @@ def ptb_tokenize_java(texts: Sequence[str]) -> list[str]:
                           check=True)  # fmt: skip
     out = proc.stdout.split("\n")[: len(texts)]
     out += [""] * (len(texts) - len(out))
-    return [" ".join(w for w in line.split() if w not in COCO_PUNCTUATION) for line in out]
+    # split on spaces only, as pycocoevalcap does: a fraction or phone number keeps its no-break space
+    return [" ".join(w for w in line.rstrip().split(" ") if w and w not in COCO_PUNCTUATION) for line in out]
 
 
 @dataclass(frozen=True)
@@ -126,6 +105,7 @@ class ReportScores:
 
     corpus: dict[str, float]
     per_sample: pl.DataFrame
+    tokenizer: str  # ptb-java or ptb-python, the one that ran
 
 
 def _as_reference_lists(references: Sequence[str] | Sequence[Sequence[str]]) -> list[list[str]]:
@@ -135,12 +115,17 @@ def _as_reference_lists(references: Sequence[str] | Sequence[Sequence[str]]) -> 
     return lists
 
 
-def _tokenize(texts: list[str], tokenizer: Literal["python", "ptb"]) -> list[str]:
-    if tokenizer == "python":
-        return [ptb_tokenize(t) for t in texts]
-    if tokenizer == "ptb":
-        return ptb_tokenize_java(texts)
-    raise ValueError(f"tokenizer must be 'python' or 'ptb', got {tokenizer!r}")
+def resolve_tokenizer(tokenizer: Tokenizer = "auto") -> Literal["ptb-java", "ptb-python"]:
+    """The tokenizer ``auto`` stands for: the jar when Java is on PATH, else the Python one."""
+    if tokenizer == "auto":
+        return "ptb-java" if java_available() else "ptb-python"
+    if tokenizer not in ("ptb-java", "ptb-python"):
+        raise ValueError(f"tokenizer must be 'auto', 'ptb-java' or 'ptb-python', got {tokenizer!r}")
+    return tokenizer
+
+
+def _tokenize(texts: list[str], tokenizer: Literal["ptb-java", "ptb-python"]) -> list[str]:
+    return ptb_tokenize_java(texts) if tokenizer == "ptb-java" else ptb_tokenize_python(texts)
 
 
 def _run_meteor(gts: dict[int, list[str]], res: dict[int, list[str]]) -> tuple[float, list[float]]:
@@ -155,7 +140,7 @@ def evaluate_reports(
     predictions: Sequence[str],
     references: Sequence[str] | Sequence[Sequence[str]],
     *,
-    tokenizer: Literal["python", "ptb"] = "python",
+    tokenizer: Tokenizer = "auto",
     meteor: bool | None = None,
 ) -> ReportScores:
     """COCO caption metrics of generated reports against one or several references each.
@@ -170,9 +155,11 @@ def evaluate_reports(
     ref_lists = _as_reference_lists(references)
     if len(predictions) != len(ref_lists) or not ref_lists:
         raise ValueError(f"need as many predictions as references (>0), got {len(predictions)} and {len(ref_lists)}")
-    flat = _tokenize([*predictions, *(r for refs in ref_lists for r in refs)], tokenizer)
-    res = {i: [flat[i]] for i in range(len(predictions))}
-    cursor, gts = len(predictions), dict[int, list[str]]()
+    used = resolve_tokenizer(tokenizer)
+    # two batches, predictions then references, as pycocoevalcap tokenizes res and gts
+    tokenized = _tokenize(list(predictions), used)
+    res = {i: [text] for i, text in enumerate(tokenized)}
+    flat, cursor, gts = _tokenize([r for refs in ref_lists for r in refs], used), 0, dict[int, list[str]]()
     for i, refs in enumerate(ref_lists):
         gts[i], cursor = flat[cursor : cursor + len(refs)], cursor + len(refs)
 
@@ -193,14 +180,14 @@ def evaluate_reports(
     for name, fn in CLINICAL_METRICS.items():
         corpus.update({f"{name}_{key}": float(value) for key, value in fn(list(predictions), raw_refs).items()})
     frame = pl.DataFrame({k: [float(v) for v in values] for k, values in per_sample.items()})
-    return ReportScores(corpus=corpus, per_sample=frame)
+    return ReportScores(corpus=corpus, per_sample=frame, tokenizer=used)
 
 
 def score_reports(
     predictions: Sequence[str],
     references: Sequence[str] | Sequence[Sequence[str]],
     *,
-    tokenizer: Literal["python", "ptb"] = "python",
+    tokenizer: Tokenizer = "auto",
     meteor: bool | None = None,
 ) -> dict[str, float]:
     """Corpus scores: bleu_1..bleu_4, rouge_l, cider, meteor (when run) and registered clinical metrics."""

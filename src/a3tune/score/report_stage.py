@@ -23,8 +23,17 @@ import numpy as np
 import polars as pl
 
 from a3tune.io.atomic import atomic_file
-from a3tune.io.parquet import write_parquet
+from a3tune.io.parquet import read_parquet, write_parquet
 from a3tune.io.provenance import Provenance, hash_path
+from a3tune.score.paired import (
+    DIFFERENCE,
+    GROUPS,
+    REFERENCE_METHOD,
+    closed_items,
+    group_accuracies,
+    mean_interval,
+    paired_difference,
+)
 
 RUN_ID = re.compile(r"^(?P<method>[A-Za-z0-9_]+)(?:-seed(?P<seed>\d+))?(?P<baseline>\+[a-z]+)?$")
 # Summary columns: (metrics.json path, column name, caption)
@@ -54,34 +63,64 @@ def parse_run(run: str) -> tuple[str, int | None]:
     return match["method"] + (match["baseline"] or ""), int(seed) if seed is not None else None
 
 
-def summary_table(metrics_files: list[str | os.PathLike]) -> pl.DataFrame:
-    """One row per (data set, run): the metrics of ``results/<run>/<ds>/metrics.json`` files."""
-    rows = []
+def summary_table(metrics_files: list[str | os.PathLike], samples_files: list[str | os.PathLike] = ()) -> pl.DataFrame:
+    """One row per (data set, run): the metrics of ``results/<run>/<ds>/metrics.json`` files.
+
+    With the data sets' ``samples_files``, each run's ``predictions.parquet`` (beside its metrics.json)
+    adds closed accuracy per cue and confuser group and, for tuned runs, the paired difference to the
+    ``lora`` run of the same seed (``paired``).
+    """
+    samples = {}
+    for path in samples_files:
+        table = read_parquet(path, contract="samples")
+        for (dataset,), part in table.group_by("dataset"):
+            samples[dataset] = part
+    rows, items = [], {}
     for path in metrics_files:
         path = Path(path)
         run, dataset = path.parent.parent.name, path.parent.name
         method, seed = parse_run(run)
         metrics = json.loads(path.read_text())["metrics"]
         row: dict[str, Any] = {"dataset": dataset, "method": method, "seed": seed, "run": run, "n": metrics["n"]}
+        row |= _skipped(metrics)
         for keys, column, _ in METRICS:
             row[column] = _lookup(metrics, keys)
+        if dataset in samples:
+            items[dataset, run] = closed_items(path.parent / "predictions.parquet", samples[dataset])
+            row |= group_accuracies(items[dataset, run])
         rows.append(row)
-    schema = {"dataset": pl.String, "method": pl.String, "seed": pl.Int64, "run": pl.String, "n": pl.Int64}
+    for row in rows:
+        reference = items.get((row["dataset"], f"{REFERENCE_METHOD}-seed{row['seed']}"))
+        if row["method"] != REFERENCE_METHOD and row["seed"] is not None and reference is not None:
+            row[DIFFERENCE] = paired_difference(items[row["dataset"], row["run"]], reference)
+    schema = {"dataset": pl.String, "method": pl.String, "seed": pl.Int64, "run": pl.String, "n": pl.Int64,
+              "n_skipped": pl.Int64, "skipped": pl.String}  # fmt: skip
     schema |= {column: pl.Float64 for _, column, _ in METRICS}
+    schema |= {column: pl.Float64 for column in (*GROUPS, DIFFERENCE)}
     return pl.DataFrame(rows, schema=schema).sort("dataset", "method", "seed", nulls_last=True)
 
 
 def summary_markdown(table: pl.DataFrame) -> str:
-    """Per data set, a Markdown table of mean ± std over seeds (n seeds) for every method."""
+    """Per data set, a Markdown table of mean ± std over seeds (n seeds) for every method.
+
+    Column n: test samples scored (runs of a method that scored different numbers show them all, "8/10"); a run
+    that skipped test samples (unusable images, ``score.limit``) is named in a note under the table, with reasons.
+    """
     lines = ["# a3tune results", ""]
     for (dataset,), part in table.group_by("dataset", maintain_order=True):
         columns = [(c, caption) for _, c, caption in METRICS if part[c].is_not_null().any()]
-        lines += [f"## {dataset}", "", "| method | seeds | " + " | ".join(cap for _, cap in columns) + " |",
-                  "|---|---|" + "---|" * len(columns)]  # fmt: skip
+        lines += [f"## {dataset}", "", "| method | seeds | n | " + " | ".join(cap for _, cap in columns) + " |",
+                  "|---|---|---|" + "---|" * len(columns)]  # fmt: skip
         for (method,), runs in part.group_by("method", maintain_order=True):
             cells = [_mean_std(runs[c]) for c, _ in columns]
-            lines.append(f"| {method} | {runs['seed'].drop_nulls().len() or '-'} | " + " | ".join(cells) + " |")
+            n = "/".join(str(v) for v in runs["n"].unique(maintain_order=True).to_list())
+            lines.append(f"| {method} | {runs['seed'].drop_nulls().len() or '-'} | {n} | " + " | ".join(cells) + " |")
         lines.append("")
+        lost = part.filter(pl.col("n_skipped") > 0)
+        if lost.height:
+            lines += ["Samples not scored: " + "; ".join(f"{r['run']} {r['n_skipped']} ({r['skipped']})"
+                                                        for r in lost.iter_rows(named=True)) + ".", ""]  # fmt: skip
+        lines += _cue_table(part)
     lines.append("Shares and rates in [0, 1]; CIDEr as the COCO definition (x10). Attention metrics: mean over "
                  "the test samples and post-image query rows; pointing game: the attention peak inside the ground "
                  "truth. Heads: attention on image, in weak label, in ground truth and pointing game average the "
@@ -92,18 +131,47 @@ def summary_markdown(table: pl.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+CUE_COLUMNS = (("closed_acc", "closed accuracy"), ("closed_acc_cue_agrees", "cue agrees"),
+               ("closed_acc_cue_disagrees", "cue disagrees"), ("closed_acc_confuser", "with confuser"),
+               ("closed_acc_no_confuser", "no confuser"))  # fmt: skip
+
+
+def _cue_table(part: pl.DataFrame) -> list[str]:
+    """Closed accuracy per cue and confuser group, and each method's paired difference to LoRA (95 % interval)."""
+    if part.select(pl.col(c for c, _ in CUE_COLUMNS[1:]).is_not_null().any()).row(0) == (False,) * 4:
+        return []
+    lines = [f"Closed accuracy by cue and confuser; {DIFFERENCE}: mean over seeds of the run minus the "
+             f"`{REFERENCE_METHOD}` run of the same seed on the same closed items, with its 95 % interval "
+             "(Student t over seeds).", "",
+             "| method | seeds | " + " | ".join(cap for _, cap in CUE_COLUMNS) + f" | minus {REFERENCE_METHOD} [95 % CI] |",
+             "|---|---|" + "---|" * (len(CUE_COLUMNS) + 1)]  # fmt: skip
+    for (method,), runs in part.group_by("method", maintain_order=True):
+        cells = [_mean_std(runs[c]) for c, _ in CUE_COLUMNS]
+        differences = runs[DIFFERENCE].drop_nulls().to_list()
+        if differences:
+            mean, half = mean_interval(differences)
+            cells.append(f"{mean:+.3f}" + (f" [{mean - half:+.3f}, {mean + half:+.3f}]" if half is not None else ""))
+        else:
+            cells.append("-")
+        lines.append(f"| {method} | {runs['seed'].drop_nulls().len() or '-'} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def write_report(
     metrics_files: list[str | os.PathLike],
     out_table: str | os.PathLike,
     out_markdown: str | os.PathLike,
     figures_dir: str | os.PathLike | None = None,
     *,
+    samples_files: list[str | os.PathLike] = (),
     overlays: list[dict[str, Any]] = (),
 ) -> pl.DataFrame:
     """summary.parquet, summary.md and (with ``figures_dir``) the metric bars and attention overlays."""
-    table = summary_table(metrics_files)
+    table = summary_table(metrics_files, samples_files)
+    inputs = [*metrics_files, *samples_files, *(Path(p).parent / "predictions.parquet" for p in metrics_files
+                                                if samples_files)]  # fmt: skip
     provenance = Provenance("report", {"runs": sorted(table["run"].unique().to_list())},
-                            {str(p): hash_path(p) for p in metrics_files})  # fmt: skip
+                            {str(p): hash_path(p) for p in inputs})  # fmt: skip
     write_parquet(table, out_table, provenance)
     with atomic_file(out_markdown) as tmp:
         tmp.write_text(summary_markdown(table))
@@ -116,6 +184,12 @@ def write_report(
         for settings in overlays:
             write_attention_overlays(figures_dir=figures_dir, **settings)
     return table
+
+
+def _skipped(metrics: dict) -> dict[str, Any]:
+    """n_skipped and skipped ("reason n, ...") of a metrics.json: test samples the run could not score."""
+    skipped = metrics.get("samples", {}).get("skipped", {})
+    return {"n_skipped": sum(skipped.values()), "skipped": ", ".join(f"{k} {v}" for k, v in skipped.items()) or None}
 
 
 def _lookup(metrics: dict, keys: tuple[str, ...]) -> float | None:

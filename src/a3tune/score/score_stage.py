@@ -10,7 +10,8 @@ and inside the ground-truth mask, and the pointing game, over the probe's select
 the shards into ``predictions.parquet`` (sample_id, prompt, prediction, answer, answer_type,
 decoding settings), ``attention.parquet`` (the grounding columns and each sample's attention map
 on the token grid, for both head sets) and ``metrics.json`` (VQA accuracy per answer type and
-organ, report metrics, grounding means).
+organ, report metrics, grounding means, and ``samples``: how many test samples were scored and how many were
+skipped, by reason: an unusable image, or the ``limit``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from a3tune.data.images import load_rgb, resolve_under
+from a3tune.io.accounting import add_skipped, merge_accounting, split_accounting
 from a3tune.io.atomic import atomic_file
 from a3tune.io.parquet import read_parquet, write_parquet
 from a3tune.io.provenance import Provenance, hash_path, read_provenance
@@ -81,18 +83,23 @@ def score_shard(
     heads, own = _selected_heads(heads_path), own_heads(adapter)
     samples = labelled_samples(samples_path, images_path, labels_dir / "labels.parquet", split)
     samples = samples.filter(pl.col("sample_id").map_elements(lambda s: _shard(s, shards) == shard, return_dtype=pl.Boolean))
+    accounting = split_accounting(samples_path, images_path, split, keep=lambda s: _shard(s, shards) == shard)
     if limit is not None:
+        accounting = add_skipped(accounting, "limit", samples.height - limit)
         samples = samples.head(limit)
     grids = open_store(labels_dir / "labels.zarr")["grid"]
     spec = GridSpec(grid=lvlm.grid, input_size=lvlm.input_size, preprocess=lvlm.preprocess, mode="area")
 
-    parts = []
+    parts, lengths = [], {}
     bar = tqdm(total=samples.height, desc=f"score shard {shard}", unit="sample", disable=not progress, mininterval=1.0)
     for start in range(0, samples.height, batch_size):
         part = samples.slice(start, batch_size)
         pixels = [load_rgb(resolve_under(root, p)) for p in part["path"]]
         questions, answers = part["question"].to_list(), part["answer"].to_list()
-        predictions = generate_answers(lvlm, pixels, questions, settings, logits_processors=_baseline(baseline, lvlm))
+        batch_settings = settings.for_tasks(part["task"].to_list())
+        lengths |= dict.fromkeys(part["task"].unique().to_list(), batch_settings.max_new_tokens)
+        predictions = generate_answers(lvlm, pixels, questions, batch_settings,
+                                       logits_processors=_baseline(baseline, lvlm))  # fmt: skip
         maps = {"label": label_maps(grids, part["label_row"].to_list(), lvlm.n_image_tokens)[0],
                 "gt": _gt_maps(part, root, spec)}  # fmt: skip
         batch = encode_batch(lvlm, pixels, questions, answers)
@@ -103,11 +110,12 @@ def score_shard(
         bar.update(part.height)
     bar.close()
     table = pl.concat(parts) if parts else pl.DataFrame()
-    decoding = {**vars(settings), "baseline": baseline}
+    # the settings as configured, and the decoding length each task actually got
+    decoding = {**vars(settings), "baseline": baseline, "max_new_tokens_used": dict(sorted(lengths.items()))}
     provenance = Provenance.for_inputs(
         "score", {"model": model, "dtype": str(lvlm.model.dtype), "adapter": str(adapter) if adapter else None,
                   "decoding": decoding, "split": split, "shard": shard, "shards": shards,
-                  "heads": str(heads_path) if heads_path else None},
+                  "heads": str(heads_path) if heads_path else None, "samples": accounting},
         {"samples.parquet": samples_path, "images.parquet": images_path, "labels.parquet": labels_dir / "labels.parquet",
          **({"adapter": adapter} if adapter else {})},
     )  # fmt: skip
@@ -115,38 +123,58 @@ def score_shard(
     return table
 
 
-def gather(shard_tables: list[str | os.PathLike], out_dir: str | os.PathLike, *, meteor: bool | None = None) -> dict[str, Any]:
+def gather(
+    shard_tables: list[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    meteor: bool | None = None,
+    tokenizer: str = "auto",
+    reference_quirks: bool = True,
+) -> dict[str, Any]:
     """Join the shard tables; write predictions.parquet, attention.parquet and metrics.json into ``out_dir``.
 
-    ``meteor``: as :func:`a3tune.score.report_metrics.evaluate_reports` (None: when Java is on PATH).
+    ``meteor``, ``tokenizer``: as :func:`a3tune.score.report_metrics.evaluate_reports` (None / auto: METEOR and the
+    Java PTB tokenizer when Java is on PATH). ``reference_quirks``: VQA scored with the reference scorer's quirks
+    (default, comparable with published numbers) or the corrected scorer (:mod:`a3tune.score.vqa_metrics`).
     """
-    from a3tune.score.report_metrics import score_reports
+    from a3tune.score.report_metrics import evaluate_reports
     from a3tune.score.vqa_metrics import score_vqa, summarize_vqa
 
     tables = [read_parquet(path) for path in shard_tables]
+    accounting = merge_accounting([read_provenance(path).params["samples"] for path in shard_tables])
     first = read_provenance(shard_tables[0])
     if first is None or first.stage != "score":
         raise ValueError(f"{shard_tables[0]} is not a score shard table")
     table = pl.concat([t for t in tables if t.height], how="vertical_relaxed").sort("sample_id")
-    decoding = first.params["decoding"]
+    decoding = {**first.params["decoding"], "max_new_tokens_used": {  # each shard's tasks: the run's
+        task: n for path in shard_tables for task, n in read_provenance(path).params["decoding"]["max_new_tokens_used"].items()}}
     out_dir = Path(out_dir)
-    provenance = Provenance("score_gather", {k: v for k, v in first.params.items() if k not in ("shard",)},
-                            {Path(p).name: hash_path(p) for p in shard_tables})  # fmt: skip
+    params = {k: v for k, v in first.params.items() if k not in ("shard", "samples")}
+    params |= {"samples": accounting, "reference_quirks": reference_quirks, "meteor": meteor, "tokenizer": tokenizer}
+    provenance = Provenance("score_gather", params, {Path(p).name: hash_path(p) for p in shard_tables})
+    vqa = table.filter(pl.col("task") == "vqa")
+    scored = score_vqa(vqa.select("sample_id", "prediction", "answer", "answer_type", "organ"),
+                       reference_quirks=reference_quirks) if vqa.height else None  # fmt: skip
+    # Each closed item's hit, for paired comparisons of runs on the same items (stage report)
+    hits = pl.DataFrame(schema={"sample_id": pl.String, "hit": pl.Float64})
+    if scored is not None:
+        hits = scored.select("sample_id", "hit")
     predictions = table.select("sample_id", pl.col("question").alias("prompt"), "prediction", "answer", "answer_type",
                                "task", "organ").with_columns(
-        pl.lit(json.dumps(decoding, sort_keys=True)).alias("decoding"))  # fmt: skip
+        pl.lit(json.dumps(decoding, sort_keys=True)).alias("decoding")).join(hits, on="sample_id", how="left")  # fmt: skip
     write_parquet(predictions, out_dir / "predictions.parquet", provenance)
     grounding_columns = [c for c in table.columns if c in GROUNDING_COLUMNS]
     attention = table.select("sample_id", "answer_type", "organ", *grounding_columns)
     write_parquet(attention, out_dir / "attention.parquet", provenance)
 
-    metrics: dict[str, Any] = {"n": table.height, "decoding": decoding}
-    vqa = table.filter(pl.col("task") == "vqa")
-    if vqa.height:
-        metrics["vqa"] = summarize_vqa(score_vqa(vqa.select("sample_id", "prediction", "answer", "answer_type", "organ")))
+    metrics: dict[str, Any] = {"n": table.height, "samples": accounting, "decoding": decoding}
+    if scored is not None:
+        metrics["vqa"] = {**summarize_vqa(scored), "reference_quirks": reference_quirks}
     reports = table.filter(pl.col("task") == "report")
     if reports.height:
-        metrics["report"] = score_reports(reports["prediction"].to_list(), reports["answer"].to_list(), meteor=meteor)
+        result = evaluate_reports(reports["prediction"].to_list(), reports["answer"].to_list(), meteor=meteor,
+                                  tokenizer=tokenizer)  # fmt: skip
+        metrics["report"] = {**result.corpus, "tokenizer": result.tokenizer}
     metrics["grounding"] = {c: _mean(table[c]) for c in grounding_columns if not c.endswith("attention_map")}
     with atomic_file(out_dir / "metrics.json") as tmp:
         tmp.write_text(json.dumps({"metrics": metrics, "provenance": json.loads(provenance.to_json())}, indent=2,

@@ -18,11 +18,18 @@ numbers; to be comparable with the paper the default here reproduces them (``ref
 ``reference_quirks=False`` is the corrected scorer: every non-decimal period is stripped, CLOSED is a whole-word
 match, OPEN counts are clipped multiset overlaps and "exact" is a true exact match of the normalised strings.
 All scores are fractions in [0, 1] (the reference prints percentages).
+
+OPEN answers are also scored by NLTK's sentence BLEU, as the reference scorer reports it: the answer and the
+prediction normalised once and split on spaces, one reference, NLTK's defaults (no smoothing): ``bleu`` with the
+uniform 4-gram weights, ``bleu_1``/``bleu_2``/``bleu_3`` with weights (1,0,0,0), (0,1,0,0), (0,0,1,0), i.e. the
+1-, 2- and 3-gram precisions times the brevity penalty. NLTK returns 0 when an order has no match (a one- or
+two-word answer has no 3-gram, so its ``bleu`` is 0), with a warning the reference silences; so does this.
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -74,7 +81,8 @@ CONTRACTIONS = {
     "youve": "you've",
 }  # fmt: skip
 
-OPEN_COLUMNS = ("recall", "precision", "f1", "exact")
+OPEN_COLUMNS = ("recall", "precision", "f1", "exact", "bleu", "bleu_1", "bleu_2", "bleu_3")
+BLEU_WEIGHTS = {"bleu": (0.25, 0.25, 0.25, 0.25), "bleu_1": (1, 0, 0, 0), "bleu_2": (0, 1, 0, 0), "bleu_3": (0, 0, 1, 0)}
 POLAR = ("yes", "no")
 
 
@@ -158,6 +166,17 @@ def open_scores(prediction: str, answer: str, *, reference_quirks: bool = True) 
     return {"recall": recall, "precision": precision, "f1": 2 * precision * recall / (precision + recall), "exact": exact}
 
 
+def open_bleu(prediction: str, answer: str, *, reference_quirks: bool = True) -> dict[str, float]:
+    """NLTK sentence BLEU of an OPEN answer as the reference computes it (module docstring): bleu, bleu_1..3."""
+    from nltk.translate.bleu_score import sentence_bleu
+
+    pred = normalize_answer(prediction.lower(), reference_quirks=reference_quirks).split()
+    gt = normalize_answer(answer.lower(), reference_quirks=reference_quirks).split()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # NLTK warns on every zero-count order, as the reference's run shows
+        return {key: float(sentence_bleu([gt], pred, weights=weights)) for key, weights in BLEU_WEIGHTS.items()}
+
+
 def score_vqa(predictions: pl.DataFrame, *, reference_quirks: bool = True) -> pl.DataFrame:
     """Per-row scores: ``hit`` for closed rows, ``recall``/``precision``/``f1``/``exact`` for open rows (else null).
 
@@ -176,6 +195,7 @@ def score_vqa(predictions: pl.DataFrame, *, reference_quirks: bool = True) -> pl
             rows.append({"hit": hit, **dict.fromkeys(OPEN_COLUMNS), "score": hit})
         else:
             scores = open_scores(pred, gt, reference_quirks=reference_quirks)
+            scores |= open_bleu(pred, gt, reference_quirks=reference_quirks)
             rows.append({"hit": None, **scores, "score": scores["recall"]})
     schema = dict.fromkeys(("hit", *OPEN_COLUMNS, "score"), pl.Float64)
     return table.hstack(pl.DataFrame(rows, schema=schema, orient="row"))

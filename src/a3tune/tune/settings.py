@@ -26,6 +26,7 @@ PRESETS = Path(__file__).parent / "presets"
 QK_MODES = ("moe", "lora", "none")
 HEAD_MODES = ("static", "dynamic", "all", "none")
 LOSSES = ("inside", "kl")
+TRAIN_IMAGES = ("original", "cue_shuffled")
 BACKBONES = ("llava-med-v1", "llava-med-v1.5")
 # The backbone of a model, by its language model's ``model_type``: LLaVA-Med v1 is LLaMA-7B (a
 # converted v1 checkpoint's text config is a LlamaConfig), v1.5 is Mistral-7B.
@@ -45,6 +46,9 @@ class TuneSettings:
     heads_top_k: float = dataclasses.field(default=128, metadata={"help": "K for dynamic heads: a count or a fraction"})
     lora: dict = dataclasses.field(default_factory=dict, metadata={"help": "LoRA rank, alpha, dropout on V/O/MLP"})
     moe: dict = dataclasses.field(default_factory=dict, metadata={"help": "A³MoE experts, top-k, rank, alpha"})
+    train_images: str = dataclasses.field(
+        default="original", metadata={"help": f"{TRAIN_IMAGES}: the samples' images, or the phantom's cue-shuffled "
+                                              "twins (the cue at chance; a sample's image_cue_shuffled)"})  # fmt: skip
     epochs: float = dataclasses.field(default=1, metadata={"help": "passes over the training split"})
     max_steps: int | None = dataclasses.field(default=None, metadata={"help": "cap on optimizer steps (None: none)"})
     lr: float = 2e-4
@@ -64,6 +68,7 @@ class TuneSettings:
             (self.qk in QK_MODES, f"qk must be one of {QK_MODES}, got {self.qk!r}"),
             (self.heads in HEAD_MODES, f"heads must be one of {HEAD_MODES}, got {self.heads!r}"),
             (self.loss in LOSSES, f"loss must be one of {LOSSES}, got {self.loss!r}"),
+            (self.train_images in TRAIN_IMAGES, f"train_images must be one of {TRAIN_IMAGES}, got {self.train_images!r}"),
             (not self.align or self.heads != "none", "align: true needs heads static, dynamic or all"),
             (self.lam >= 0 and self.beta >= 0, f"lam and beta must be >= 0, got {self.lam}, {self.beta}"),
             (self.epochs > 0, f"epochs must be > 0, got {self.epochs}"),

@@ -7,8 +7,10 @@ base Med-LVLM, the samples with their weak labels, and (static heads) the probe'
 Outputs, in the run folder: ``adapter/`` (adapter_model.safetensors + adapter_config.json naming the
 base model, the heads, the MoE layout and every setting, with the inputs' hashes) and
 ``train_log.parquet`` (loss parts per micro-batch, routing entropy, learning rate; provenance in
-its metadata). Checkpoints go to ``checkpoint_root/<fingerprint>/``, outside the outputs, because
-Snakemake deletes a job's outputs before it reruns the job and a killed run must find them.
+its metadata). Both record ``samples``: how many training samples were used and how many were skipped,
+by reason (an unusable image, ``image_<status>``; :mod:`a3tune.io.accounting`). Checkpoints go to
+``checkpoint_root/<fingerprint>/``, outside the outputs, because Snakemake deletes a job's outputs
+before it reruns the job and a killed run must find them.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 
 import polars as pl
 
+from a3tune.io.accounting import split_accounting
 from a3tune.io.parquet import read_parquet, write_parquet
 from a3tune.io.provenance import Provenance
 from a3tune.io.zarr_store import open_store
@@ -68,22 +71,40 @@ def run_tune(
         inputs["heads.parquet"] = heads_path
     if "path" in model:
         inputs["model"] = model["path"]
+    if settings.train_images == "cue_shuffled":
+        inputs["cue_shuffled"] = Path(root) / "cue_shuffled"
+    accounting = split_accounting(samples_path, images_path, "train")
     provenance = Provenance.for_inputs(
         "tune", {"model": model, "dtype": str(spec_dtype(model)), "preset": preset, "method": method,
                  "backbone": backbone, "settings": settings.to_dict(),
-                 "heads": {str(k): v for k, v in (heads or {}).items()}}, inputs)  # fmt: skip
+                 "heads": {str(k): v for k, v in (heads or {}).items()}, "samples": accounting}, inputs)  # fmt: skip
     checkpoints = Path(checkpoint_root) / fingerprint(provenance)
 
     check_label_geometry(labels_dir / "labels.zarr", lvlm)
     samples = labelled_samples(samples_path, images_path, labels_dir / "labels.parquet", "train")
+    if settings.train_images == "cue_shuffled":
+        samples = on_cue_shuffled_twins(samples, samples_path)
     data = TrainData(samples, Path(root), open_store(labels_dir / "labels.zarr")["grid"])
-    log.info("tune: %s/%s on %s, %d training samples (%d labelled), %d optimizer steps", preset, method, backbone,
-             samples.height, samples["label_row"].is_not_null().sum(), settings.total_steps(samples.height))  # fmt: skip
+    log.info("tune: %s/%s on %s, %d training samples (%d labelled; skipped: %s), %d optimizer steps", preset, method,
+             backbone, samples.height, samples["label_row"].is_not_null().sum(), accounting["skipped"],
+             settings.total_steps(samples.height))  # fmt: skip
     table = train(lvlm, settings, data, out_dir, checkpoints, heads=heads, progress=progress,
-                  record={"provenance": json.loads(provenance.to_json())})  # fmt: skip
+                  record={"provenance": json.loads(provenance.to_json()), "samples": accounting})  # fmt: skip
     if int(os.environ.get("RANK", "0")) == 0:
         write_parquet(table, Path(out_dir) / "train_log.parquet", provenance)
     return table
+
+
+def on_cue_shuffled_twins(samples: pl.DataFrame, samples_path: str | os.PathLike) -> pl.DataFrame:
+    """The training samples with each image replaced by its cue-shuffled twin (``image_cue_shuffled``,
+    the phantom's); a data set without twins for every sample cannot train such a run."""
+    column = "image_cue_shuffled"
+    missing = samples.height if column not in samples.columns else int(samples[column].is_null().sum())
+    if missing:
+        raise ValueError(f"tune: train_images cue_shuffled (method lora_nocue) needs a cue-shuffled twin of every "
+                         f"training image (column {column!r}, written by the phantom generator); {missing} of "
+                         f"{samples.height} training samples in {samples_path} have none")  # fmt: skip
+    return samples.with_columns(pl.col(column).alias("path"))
 
 
 def resolve_backbone(backbone: str, model_config: Any) -> str:
