@@ -150,7 +150,8 @@ def _cmd_score_gather(args: argparse.Namespace) -> None:
 
         register_clinical_metric("chexbert", chexbert_metric(**args.chexbert))
     gather(args.tables, args.out, meteor={"yes": True, "no": False, "auto": None}[args.meteor],
-           tokenizer=args.tokenizer, reference_quirks=args.reference_quirks == "yes")  # fmt: skip
+           tokenizer=args.tokenizer, reference_quirks=args.reference_quirks == "yes",
+           clinical={"chexbert": args.chexbert} if args.chexbert else None)  # fmt: skip
 
 
 def _cmd_report(args: argparse.Namespace) -> None:

@@ -130,12 +130,15 @@ def gather(
     meteor: bool | None = None,
     tokenizer: str = "auto",
     reference_quirks: bool = True,
+    clinical: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Join the shard tables; write predictions.parquet, attention.parquet and metrics.json into ``out_dir``.
 
     ``meteor``, ``tokenizer``: as :func:`a3tune.score.report_metrics.evaluate_reports` (None / auto: METEOR and the
     Java PTB tokenizer when Java is on PATH). ``reference_quirks``: VQA scored with the reference scorer's quirks
     (default, comparable with published numbers) or the corrected scorer (:mod:`a3tune.score.vqa_metrics`).
+    ``clinical``: the settings of the registered clinical metrics (e.g. CheXbert's paths and
+    ``uncertain_positive``), recorded with the metrics because they change the numbers.
     """
     from a3tune.score.report_metrics import evaluate_reports
     from a3tune.score.vqa_metrics import score_vqa, summarize_vqa
@@ -150,7 +153,8 @@ def gather(
         task: n for path in shard_tables for task, n in read_provenance(path).params["decoding"]["max_new_tokens_used"].items()}}
     out_dir = Path(out_dir)
     params = {k: v for k, v in first.params.items() if k not in ("shard", "samples")}
-    params |= {"samples": accounting, "reference_quirks": reference_quirks, "meteor": meteor, "tokenizer": tokenizer}
+    params |= {"samples": accounting, "reference_quirks": reference_quirks, "meteor": meteor, "tokenizer": tokenizer,
+               "clinical": clinical or {}}
     provenance = Provenance("score_gather", params, {Path(p).name: hash_path(p) for p in shard_tables})
     vqa = table.filter(pl.col("task") == "vqa")
     scored = score_vqa(vqa.select("sample_id", "prediction", "answer", "answer_type", "organ"),
