@@ -21,6 +21,9 @@ PROBE = config.get("probe", {})
 TUNE = config.get("tune", {})
 SCORE = config.get("score", {})
 SCORE_SHARDS = SCORE.get("shards", SHARDS)
+# CheXbert label F1 of the reports (score.clinical.chexbert): its local weights are inputs of score_gather, so a
+# missing checkpoint or BERT folder is named before any job runs.
+CHEXBERT = (SCORE.get("clinical") or {}).get("chexbert") or {}
 PRESET_OF_FORMAT = {"phantom": "phantom", "slake": "slake", "vqarad": "vqarad", "pathvqa": "pathvqa"}
 ENV = "../../envs/a3tune.yaml"
 CONVERTED_MODEL = f"models/converted/{MODEL_NAME}"

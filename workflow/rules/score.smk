@@ -40,11 +40,6 @@ rule score:
         " --out {output:q} > {log:q} 2>&1"
 
 
-# CheXbert label F1 of the reports (score.clinical.chexbert): its local weights are inputs of score_gather, so a
-# missing checkpoint or BERT folder is named before any job runs.
-CHEXBERT = (SCORE.get("clinical") or {}).get("chexbert") or {}
-
-
 rule score_gather:
     input:
         tables=expand("results/{{run}}/{{ds}}/shards/shard-{shard}.parquet", shard=range(SCORE_SHARDS)),

@@ -23,15 +23,13 @@ from scipy import stats
 from a3tune.io.parquet import read_parquet
 
 REFERENCE_METHOD = "lora"
-# Summary column -> (sample column, predicate on it)
+# Summary column -> (sample column, the group's rows)
 GROUPS = {
-    "closed_acc_cue_agrees": pl.col("cue_agrees") == "yes",
-    "closed_acc_cue_disagrees": pl.col("cue_agrees") == "no",
-    "closed_acc_confuser": pl.col("confuser") != "none",
-    "closed_acc_no_confuser": pl.col("confuser") == "none",
+    "closed_acc_cue_agrees": ("cue_agrees", pl.col("cue_agrees") == "yes"),
+    "closed_acc_cue_disagrees": ("cue_agrees", pl.col("cue_agrees") == "no"),
+    "closed_acc_confuser": ("confuser", pl.col("confuser") != "none"),
+    "closed_acc_no_confuser": ("confuser", pl.col("confuser") == "none"),
 }
-GROUP_SOURCE = {"closed_acc_cue_agrees": "cue_agrees", "closed_acc_cue_disagrees": "cue_agrees",
-                "closed_acc_confuser": "confuser", "closed_acc_no_confuser": "confuser"}  # fmt: skip
 DIFFERENCE = "closed_acc_minus_lora"
 
 
@@ -41,15 +39,15 @@ def closed_items(predictions_path: str | os.PathLike, samples: pl.DataFrame) -> 
     if "hit" not in predictions.columns:
         raise ValueError(f"{predictions_path}: no per-item 'hit' column; rerun its score_gather job")
     items = predictions.filter(pl.col("answer_type").str.to_lowercase() == "closed").select("sample_id", "hit")
-    extra = [c for c in sorted(set(GROUP_SOURCE.values())) if c in samples.columns]
+    extra = [c for c in sorted({source for source, _ in GROUPS.values()}) if c in samples.columns]
     return items.join(samples.select("sample_id", *extra), on="sample_id", how="left")
 
 
 def group_accuracies(items: pl.DataFrame) -> dict[str, float | None]:
     """Mean hit within each group of ``GROUPS``; None where the column is absent or the group empty."""
     out: dict[str, float | None] = {}
-    for column, predicate in GROUPS.items():
-        if GROUP_SOURCE[column] not in items.columns:
+    for column, (source, predicate) in GROUPS.items():
+        if source not in items.columns:
             out[column] = None
             continue
         hits = items.filter(predicate & pl.col("hit").is_not_null())["hit"]

@@ -144,13 +144,15 @@ def gather(
     from a3tune.score.vqa_metrics import score_vqa, summarize_vqa
 
     tables = [read_parquet(path) for path in shard_tables]
-    accounting = merge_accounting([read_provenance(path).params["samples"] for path in shard_tables])
-    first = read_provenance(shard_tables[0])
-    if first is None or first.stage != "score":
-        raise ValueError(f"{shard_tables[0]} is not a score shard table")
+    shards = [read_provenance(path) for path in shard_tables]
+    for path, shard in zip(shard_tables, shards):
+        if shard is None or shard.stage != "score":
+            raise ValueError(f"{path} is not a score shard table")
+    first = shards[0]
+    accounting = merge_accounting([shard.params["samples"] for shard in shards])
     table = pl.concat([t for t in tables if t.height], how="vertical_relaxed").sort("sample_id")
-    decoding = {**first.params["decoding"], "max_new_tokens_used": {  # each shard's tasks: the run's
-        task: n for path in shard_tables for task, n in read_provenance(path).params["decoding"]["max_new_tokens_used"].items()}}
+    used = {task: n for shard in shards for task, n in shard.params["decoding"]["max_new_tokens_used"].items()}
+    decoding = {**first.params["decoding"], "max_new_tokens_used": used}  # each shard's tasks: the run's
     out_dir = Path(out_dir)
     params = {k: v for k, v in first.params.items() if k not in ("shard", "samples")}
     params |= {"samples": accounting, "reference_quirks": reference_quirks, "meteor": meteor, "tokenizer": tokenizer,
