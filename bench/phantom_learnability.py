@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -90,7 +91,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--design", type=json.loads, default={}, help="overrides of the demo's design (JSON)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=None, help="work folder (default: a temporary one)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="work folder (default: a temporary one); a base model there from the same design is reused")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     design = {**default_design(), **args.design}
@@ -98,13 +100,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.out or Path(tmp)
         data = work / "phantom"
+        shutil.rmtree(data, ignore_errors=True)
         generate(PhantomConfig.from_dict(design["phantom"]), data / "raw")
         import_dataset("phantom", data / "raw", "phantom", data / "samples.parquet", data / "images.parquet",
                        progress=False)  # fmt: skip
         base = work / "base"
-        train_demo_lvlm(data / "samples.parquet", data / "images.parquet", data / "raw", base,
-                        architecture=design["architecture"], training=design["training"], pretrain=design["pretrain"],
-                        progress=False)  # fmt: skip
+        texts = pl.read_parquet(data / "samples.parquet").select(pl.concat_list("question", "answer")).to_series()
+        vocabulary = sorted({t for pair in texts.to_list() for t in pair})  # the stand-in's tokenizer reads these
+        recipe = json.dumps({**{k: design[k] for k in ("pretrain", "architecture", "training")}, "texts": vocabulary},
+                            sort_keys=True)  # fmt: skip
+        if not (base / "recipe.json").is_file() or (base / "recipe.json").read_text() != recipe:
+            shutil.rmtree(base, ignore_errors=True)  # another design's base model: train this one
+            train_demo_lvlm(data / "samples.parquet", data / "images.parquet", data / "raw", base,
+                            architecture=design["architecture"], training=design["training"],
+                            pretrain=design["pretrain"], progress=False)  # fmt: skip
+            (base / "recipe.json").write_text(recipe)
         spec = {"path": str(base), "device": "cpu"}
         lvlm = lvlm_from_config(spec)
         rows = [("base", "open, train split", open_accuracy(lvlm, split_of(data, "train", "open"), data / "raw")),
