@@ -120,8 +120,8 @@ def test_tiny_dag_runs_and_artifacts_carry_provenance(tmp_path, tiny_config):
     for rel in ("data", "labels", "models/demo_clip", "results/labels"):
         shutil.copytree(tmp_path / rel, twin / rel, symlinks=True)
     proc = run_snakemake(twin, "--cores", "2", config=tiny_config)
-    assert "rule sam_masks" not in proc.stdout + proc.stderr and "rule demo_lvlm" in proc.stdout + proc.stderr
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "rule sam_masks" not in proc.stdout + proc.stderr and "rule demo_lvlm" in proc.stdout + proc.stderr
     for name in ("summary.md", "summary.parquet"):
         assert (twin / "results" / name).read_bytes() == (tmp_path / "results" / name).read_bytes(), name
 
