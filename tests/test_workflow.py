@@ -28,6 +28,16 @@ def test_slurm_profile_plans_without_cluster(tmp_path, default_config):
     assert "import_dataset" in proc.stdout
 
 
+def test_benchmark_config_plans_on_top_of_the_demo_config(tmp_path):
+    """README's benchmark command: config.yaml, then config/benchmark.yaml, in a folder of its own."""
+    proc = run_snakemake(tmp_path, "-n", "--profile", str(REPO / "profiles" / "slurm"),
+                         "--configfile", str(REPO / "config.yaml"), str(REPO / "config" / "benchmark.yaml"))  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    jobs = dict(line.split()[:2] for line in proc.stdout.split("Job stats:")[1].splitlines()[3:] if line.strip())
+    assert jobs["tune"] == "9"  # lora_nocue, lora, a3tune x 3 seeds
+    assert jobs["score"] == "10"  # those runs and the base model; no decoding baselines
+
+
 @pytest.mark.parametrize(
     ("patch", "named"),
     [

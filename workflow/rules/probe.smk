@@ -20,6 +20,9 @@ rule demo_lvlm:
         "benchmarks/demo_lvlm/{ds}.tsv"
     conda:
         ENV
+    # Ahead of the SAM shards: with its own pre-training set it is the demo's longest job and
+    # needs no weak labels, so on 2 cores it runs beside them rather than after them
+    priority: 20
     resources:
         mem_mb=4000,
     shell:
