@@ -1,9 +1,10 @@
 """Proposal generators on phantom scans with exact masks: recall per structure kind, count, time.
 
-    python bench/proposals_bench.py [--images N] [--size S] [--grid-images M] [--seed K]
+    python bench/proposals_bench.py [--images N] [--size S] [--grid-images M] [--seed K] [--real DIR]
 
 Methods, all on the same textured phantom images (split "test", which has the most lesions and
-cysts), at the 256-px working size:
+cysts), at the 256-px working size, and with ``--real DIR`` once more on ``--images`` evenly spaced
+slices of the real-image benchmark that ``bench/real_scans.py`` builds (real MRI, atlas masks):
 
 - ``boxes``: the box-prompt generator (``a3tune.labels.box_proposals``) with LiteMedSAM's real
   weights, through ``generate_proposals`` with ``BOX_GENERATOR_DEFAULTS`` (reference filters with
@@ -15,11 +16,14 @@ cysts), at the 256-px working size:
 - ``points``: segment_anything's point-grid generator with the reference parameters, on the tiny
   original-SAM-architecture model (random weights: it shows the path and its cost, not quality), and
   once more with its quality thresholds off.
+- ``oracle``: a reference, not a generator: LiteMedSAM prompted with each true structure's tight box
+  (one prompt per structure, single-mask output).
 
-For each structure the best proposal's IoU is taken; the table gives the share of structures at
-IoU >= 0.5 / >= 0.75 per kind (body / organ / lesion, cysts counted as lesions / all = those three;
-spine and cue marker are reported as "other" and are not in "all"), proposals per image and wall
-seconds per image with ``torch.set_num_threads(--threads)``. The machine load is printed too: on a
+For each structure the best proposal's IoU is taken (and its Dice, 2 IoU / (1 + IoU)); the table
+gives the share of structures at IoU >= 0.5 / >= 0.75 and the mean best Dice per kind (phantom:
+body / organ / lesion, cysts counted as lesions / all = those three; spine and cue marker are
+reported as "other" and are not in "all"; real slices: the builder's kinds, all = every kind),
+proposals per image and wall seconds per image with ``torch.set_num_threads(--threads)``. The machine load is printed too: on a
 shared machine wall time grows with it, so the CPU seconds of this process are given alongside.
 """
 
@@ -37,6 +41,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from real_scans import load_slices  # noqa: E402
 
 from a3tune.data.phantom import PhantomConfig, draw, plan_split  # noqa: E402
 from a3tune.labels import box_proposals as bx  # noqa: E402
@@ -57,6 +62,15 @@ def phantom_images(n: int, size: int, seed: int) -> list[tuple[np.ndarray, list[
         truth = [(KINDS[s.kind], cv2.resize(s.mask.astype(np.uint8), (256, 256), interpolation=cv2.INTER_NEAREST) > 0)
                  for s in scene.structures.values()]  # fmt: skip
         out.append((scene.image, truth))
+    return out
+
+
+def real_images(root: str, n: int) -> list[tuple[np.ndarray, list[tuple[str, np.ndarray]]]]:
+    """(image, [(kind, mask at 256 px)]) for n evenly spaced slices of a folder built by bench/real_scans.py."""
+    out = []
+    for _, image, truth in load_slices(root, n):
+        out.append((image, [(kind, cv2.resize(mask.astype(np.uint8), (256, 256), interpolation=cv2.INTER_NEAREST) > 0)
+                            for kind, _, mask in truth]))  # fmt: skip
     return out
 
 
@@ -93,6 +107,22 @@ def dense_box_grid(sam, image: np.ndarray) -> np.ndarray:
     return np.concatenate(kept)
 
 
+def oracle_boxes(sam, image: np.ndarray, truth: list[tuple[str, np.ndarray]]) -> np.ndarray:
+    """LiteMedSAM prompted with each true structure's tight box at 256 px: one mask per structure."""
+    from segment_anything import SamPredictor
+
+    predictor = SamPredictor(sam.model)
+    predictor.set_image(prepare_image(image, 256))
+    boxes = []
+    for _, mask in truth:
+        ys, xs = np.nonzero(mask)
+        boxes.append([xs.min(), ys.min(), xs.max(), ys.max()])
+    model_boxes = torch.as_tensor(predictor.transform.apply_boxes(np.array(boxes, dtype=np.float64), (256, 256)))
+    with torch.no_grad():
+        masks, _, _ = predictor.predict_torch(None, None, model_boxes.float(), multimask_output=False)
+    return masks[:, 0].numpy()
+
+
 def candidates_only(image: np.ndarray, params: ProposalParams) -> np.ndarray:
     """The box generator's candidate regions, as prompted (after box NMS), without the model."""
     working = prepare_image(image, params.working_size, params.channel_order)
@@ -105,7 +135,7 @@ def run(name: str, images, propose) -> dict:
     scores, counts, wall, cpu, model = [], [], [], [], []
     for image, truth in images:
         started, cpu_started = time.perf_counter(), time.process_time()
-        found = propose(image)
+        found = propose(image, truth)
         wall.append(time.perf_counter() - started)
         cpu.append(time.process_time() - cpu_started)
         masks = found.masks if isinstance(found, Proposals) else found
@@ -118,13 +148,58 @@ def run(name: str, images, propose) -> dict:
             "cpu": np.mean(cpu), "model": np.mean(model, axis=0) if model else None}  # fmt: skip
 
 
-def row(result: dict) -> str:
+def row(result: dict, columns: tuple[str, ...]) -> str:
+    """Per kind: share at best IoU >= 0.5 / >= 0.75, mean best Dice (structures); "all" leaves out "other"."""
     cells = []
-    for column in COLUMNS:
+    for column in columns:
         ious = np.array([v for k, v in result["scores"] if k == column or (column == "all" and k != "other")])
-        cells.append(f"{np.mean(ious >= 0.5):.2f} / {np.mean(ious >= 0.75):.2f} ({len(ious)})" if len(ious) else "-")
+        dice = np.mean(2 * ious / (1 + ious)) if len(ious) else 0.0
+        cells.append(f"{np.mean(ious >= 0.5):.2f} / {np.mean(ious >= 0.75):.2f} / {dice:.2f} ({len(ious)})" if len(ious) else "-")
     return (f"| {result['name']} | {result['images']} | " + " | ".join(cells)
             + f" | {result['count']:.1f} | {result['wall']:.2f} | {result['cpu']:.2f} |")  # fmt: skip
+
+
+def run_methods(images, methods: set[str], grid_images: int, lite, params: ProposalParams) -> list[dict]:
+    """Every selected method on the same images, in the table's order."""
+    results = []
+    if "boxes" in methods:
+        results.append(run("boxes: candidates + LiteMedSAM box prompts + filters", images,
+                           lambda image, _: generate_proposals(lite, image, params)))  # fmt: skip
+    if "candidates" in methods:
+        results.append(run("candidates alone (no model, as prompted)", images,
+                           lambda image, _: candidates_only(image, params)))  # fmt: skip
+    if "grid" in methods and grid_images > 0:
+        results.append(run("box grid 32/64/128/224, pIoU >= 0.5, stability >= 0.5 (LiteMedSAM)",
+                           images[:grid_images], lambda image, _: dense_box_grid(lite, image)))  # fmt: skip
+    if "oracle" in methods:
+        results.append(run("oracle: LiteMedSAM, each true structure's tight box (reference)", images,
+                           lambda image, truth: oracle_boxes(lite, image, truth)))  # fmt: skip
+    if "points" in methods:
+        tiny = build_sam("tiny", seed=0)
+        reference = ProposalParams()
+        permissive = ProposalParams.from_dict({"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0, "min_side": 6})
+        results.append(run("point grid, reference parameters (tiny SAM, random weights)", images,
+                           lambda image, _: generate_proposals(tiny, image, reference).masks))  # fmt: skip
+        results.append(run("point grid, IoU/stability thresholds off, min_side 6 (tiny SAM, random weights)", images,
+                           lambda image, _: generate_proposals(tiny, image, permissive).masks))  # fmt: skip
+    return results
+
+
+def print_table(results: list[dict], columns: tuple[str, ...]) -> None:
+    print("| method | images | " + " | ".join(columns) + " | proposals / image | s / image (wall) | CPU s / image |")
+    print("|---|---|" + "---|" * len(columns) + "---|---|---|")
+    for result in results:
+        print(row(result, columns))
+    print()
+    for result in results:
+        if result["model"] is not None:
+            encoder, decoder, calls = result["model"]
+            print(
+                f"{result['name'].split(':')[0]}: per image {encoder:.2f} s image encoder, {decoder:.2f} s prompt "
+                f"encoder + mask decoder ({calls:.1f} decoder calls), {result['wall'] - encoder - decoder:.2f} s "
+                "everything else (candidate regions, filters)."
+            )
+    print()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,53 +209,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="phantom seed (default 0; the defaults were tuned on 1)")
     parser.add_argument("--grid-images", type=int, default=2, help="images for the slow dense box grid (default 2)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    parser.add_argument("--methods", default="boxes,candidates,grid,points", help="comma-separated subset to run")
+    parser.add_argument("--methods", default="boxes,candidates,grid,oracle,points", help="comma-separated subset to run")
+    parser.add_argument("--real", help="also run on --images slices of this folder, built by bench/real_scans.py")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     methods = set(args.methods.split(","))
     load_before = os.getloadavg()
     images = phantom_images(args.images, args.size, args.seed)
+    real = real_images(args.real, args.images) if args.real else []
     params = ProposalParams.from_dict(bx.BOX_GENERATOR_DEFAULTS)
-    results = []
-    if methods & {"boxes", "grid"}:
+    lite = None
+    if methods & {"boxes", "grid", "oracle"}:
         lite = build_sam("litemedsam")
         generate_proposals(lite, images[0][0], params)  # warm-up: first-call allocations are not per-image cost
-    if "boxes" in methods:
-        results.append(run("boxes: candidates + LiteMedSAM box prompts + filters", images,
-                           lambda image: generate_proposals(lite, image, params)))  # fmt: skip
-    if "candidates" in methods:
-        results.append(run("candidates alone (no model, as prompted)", images,
-                           lambda image: candidates_only(image, params)))  # fmt: skip
-    if "grid" in methods and args.grid_images > 0:
-        results.append(run("box grid 32/64/128/224, pIoU >= 0.5, stability >= 0.5 (LiteMedSAM)",
-                           images[: args.grid_images], lambda image: dense_box_grid(lite, image)))  # fmt: skip
-    if "points" in methods:
-        tiny = build_sam("tiny", seed=0)
-        reference = ProposalParams()
-        permissive = ProposalParams.from_dict({"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0, "min_side": 6})
-        results.append(run("point grid, reference parameters (tiny SAM, random weights)", images,
-                           lambda image: generate_proposals(tiny, image, reference).masks))  # fmt: skip
-        results.append(run("point grid, IoU/stability thresholds off, min_side 6 (tiny SAM, random weights)", images,
-                           lambda image: generate_proposals(tiny, image, permissive).masks))  # fmt: skip
+    results = run_methods(images, methods, args.grid_images, lite, params)
+    real_results = run_methods(real, methods, args.grid_images, lite, params) if real else []
     load_after = os.getloadavg()
-    print(f"\nPhantom seed {args.seed}, split test, {args.size} px images at 256 px working size; "
-          f"torch threads {args.threads} (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}), {os.cpu_count()} CPUs; "
-          f"load average before {load_before[0]:.1f}, "
-          f"after {load_after[0]:.1f} (1 min).")
-    print("Share of structures whose best proposal has IoU >= 0.5 / >= 0.75 (number of structures); "
-          "lesion = lesions and cysts; other = spine and marker, not in all.\n")
-    print("| method | images | body | organ | lesion | all | other | proposals / image | s / image (wall) "
-          "| CPU s / image |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for result in results:
-        print(row(result))
-    print()
-    for result in results:
-        if result["model"] is not None:
-            encoder, decoder, calls = result["model"]
-            print(f"{result['name'].split(':')[0]}: per image {encoder:.2f} s image encoder, {decoder:.2f} s prompt "
-                  f"encoder + mask decoder ({calls:.1f} decoder calls), {result['wall'] - encoder - decoder:.2f} s "
-                  "everything else (candidate regions, filters).")
+    print(
+        f"\nTorch threads {args.threads} (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}), {os.cpu_count()} CPUs; "
+        f"load average before {load_before[0]:.1f}, after {load_after[0]:.1f} (1 min)."
+    )
+    print("Per kind: share of structures whose best proposal has IoU >= 0.5 / >= 0.75 / mean best Dice (number of structures).\n")
+    print(
+        f"Phantom seed {args.seed}, split test, {args.size} px images at 256 px working size; lesion = lesions and "
+        "cysts; other = spine and marker, not in all.\n"
+    )
+    print_table(results, COLUMNS)
+    if real:
+        kinds = tuple(sorted({kind for _, truth in real for kind, _ in truth})) + ("all",)
+        print(f"Real slices: {len(real)} of {args.real} (evenly spaced), at 256 px working size.\n")
+        print_table(real_results, kinds)
     return 0
 
 

@@ -1,0 +1,89 @@
+"""bench/real_scans.py on a constructed volume: byte-identical reruns, and masks that line up with their images."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import numpy as np
+import pytest
+from conftest import REPO
+
+nib = pytest.importorskip("nibabel")
+
+SHAPE = (12, 14, 10)  # stored in LAS order: the builder must flip x to reach RAS
+CUBE = (slice(2, 5), slice(8, 11), slice(3, 8))  # bright (200), AAL label 1
+BLOCK = (slice(7, 10), slice(2, 6), slice(3, 8))  # dark (60), AAL label 2
+# Where the cube must appear, in (rows, columns) of the padded square images (see _expected).
+EXPECTED = {"axial": ((3, 6), (8, 11)), "coronal": ((3, 8), (7, 10))}
+
+
+def _builder():
+    """The bench script as a module (bench/ is not a package); registered first, as dataclasses need."""
+    if "real_scans" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("real_scans", REPO / "bench" / "real_scans.py")
+        sys.modules["real_scans"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["real_scans"])
+    return sys.modules["real_scans"]
+
+
+def _write_colin_layout(root):
+    """Files named as mricron-data's: a T1-like volume, its AAL-like atlas and label table, its brain mask."""
+    affine = np.diag([-1.0, 1.0, 1.0, 1.0])
+    affine[:3, 3] = (5.0, -7.0, -4.0)
+    image = np.full(SHAPE, 20, dtype=np.uint8)
+    image[CUBE], image[BLOCK] = 200, 60
+    atlas = np.zeros(SHAPE, dtype=np.uint8)
+    atlas[CUBE], atlas[BLOCK] = 1, 2
+    brain = np.zeros(SHAPE, dtype=np.uint8)
+    brain[1:11, 1:13, 1:9] = 50
+    root.mkdir()
+    for name, data in {"ch2": image, "aal": atlas, "ch2bet": brain}.items():
+        nib.save(nib.Nifti1Image(data, affine), root / f"{name}.nii.gz")
+    (root / "aal.nii.txt").write_text("1 Precentral_L 2001\n2 Thalamus_L 7101\n")
+
+
+def _tree(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_rerun_gives_identical_bytes_and_masks_line_up(tmp_path):
+    real_scans = _builder()
+    _write_colin_layout(tmp_path / "src")
+    args = ["--sources", "colin27", "--mricron", str(tmp_path / "src"), "--axial", "3", "--coronal", "2", "--min-area", "2"]
+    for out in ("a", "b"):
+        assert real_scans.main([str(tmp_path / out), *args]) == 0
+    first, second = _tree(tmp_path / "a"), _tree(tmp_path / "b")
+    assert first == second
+    assert {"index.parquet", "provenance.json"} <= set(first) and any(k.startswith("masks/") for k in first)
+
+    # Window (0, 160): cube 200 -> 255, block 60 -> 96, background 20 -> 32.
+    seen = {"axial": 0, "coronal": 0}
+    for slice_id, image, truth in real_scans.load_slices(tmp_path / "a"):
+        grey = image[..., 0]
+        assert image.shape == ((14, 14, 3) if "axial" in slice_id else (12, 12, 3))
+        assert np.array_equal(image[..., 0], image[..., 2])
+        masks = {structure: (kind, mask) for kind, structure, mask in truth}
+        assert masks["brain"][0] == "brain" and masks["brain"][1][grey == 255].all()
+        if "Thalamus_L" in masks:
+            assert masks["Thalamus_L"][0] == "subcortical"
+            assert np.array_equal(masks["Thalamus_L"][1], grey == 96)
+        if "Precentral_L" not in masks:
+            continue
+        kind, mask = masks["Precentral_L"]
+        assert kind == "cortical_region"
+        assert np.array_equal(mask, grey == 255)
+        plane = slice_id.split("-")[1]
+        (top, bottom), (left, right) = EXPECTED[plane]
+        rows, cols = np.nonzero(mask)
+        assert (rows.min(), rows.max() + 1, cols.min(), cols.max() + 1) == (top, bottom, left, right), slice_id
+        seen[plane] += 1
+    assert seen["axial"] == 3 and seen["coronal"] >= 1
+
+
+def test_volumes_off_one_grid_are_refused(tmp_path):
+    real_scans = _builder()
+    _write_colin_layout(tmp_path / "src")
+    nib.save(nib.Nifti1Image(np.zeros((5, 5, 5), dtype=np.uint8), np.eye(4)), tmp_path / "src" / "aal.nii.gz")
+    with pytest.raises(ValueError, match="not on the voxel grid"):
+        real_scans.colin27(tmp_path / "src")
