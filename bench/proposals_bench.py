@@ -45,7 +45,9 @@ from real_scans import load_slices  # noqa: E402
 
 from a3tune.data.phantom import PhantomConfig, draw, plan_split  # noqa: E402
 from a3tune.labels import box_proposals as bx  # noqa: E402
-from a3tune.labels.proposals import ProposalParams, Proposals, generate_proposals, prepare_image  # noqa: E402
+from a3tune.labels.proposal_params import ProposalParams  # noqa: E402
+from a3tune.labels.proposal_types import Proposals  # noqa: E402
+from a3tune.labels.proposals import generate_proposals, prepare_image  # noqa: E402
 from a3tune.labels.sam_backends import build_sam  # noqa: E402
 
 KINDS = {"body": "body", "organ": "organ", "lesion": "lesion", "cyst": "lesion", "bone": "other", "marker": "other"}

@@ -11,7 +11,8 @@ from segment_anything import SamPredictor
 
 from a3tune.labels import box_proposals as bx
 from a3tune.labels.box_params import BoxProposalParams
-from a3tune.labels.proposals import GENERATORS, ProposalParams, generate_proposals, prepare_image
+from a3tune.labels.proposal_params import ProposalParams
+from a3tune.labels.proposals import GENERATORS, generate_proposals, prepare_image
 from a3tune.labels.sam_backends import build_sam
 
 SIZE = 256

@@ -14,23 +14,19 @@ from segment_anything.utils.amg import batched_mask_to_box, box_xyxy_to_xywh
 
 from a3tune.data.phantom_scene import ORGANS, draw_scene
 from a3tune.labels.box_params import BoxProposalParams
-from a3tune.labels.proposals import (
-    GENERATORS,
-    ProposalParams,
-    Proposals,
+from a3tune.labels.proposal_filters import (
     apply_filters,
     area_below,
     away_from_border,
     box_has_extent,
-    boxes_from_masks,
     first_of_duplicates,
-    generate_proposals,
-    prepare_image,
-    reprompt_with_boxes,
     sides_above,
     sort_order,
-    time_model,
 )
+from a3tune.labels.proposal_params import ProposalParams
+from a3tune.labels.proposal_timing import time_model
+from a3tune.labels.proposal_types import Proposals, boxes_from_masks
+from a3tune.labels.proposals import GENERATORS, generate_proposals, prepare_image, reprompt_with_boxes
 from a3tune.labels.sam_backends import build_sam
 
 # Random weights give low scores: with these a tiny SAM proposes something

@@ -13,7 +13,7 @@ from a3tune.data.phantom import PhantomConfig, generate
 from a3tune.io import Provenance, open_store, read_parquet, read_provenance, write_parquet, write_store
 from a3tune.io.contracts import CONTRACTS
 from a3tune.labels.demo_clip import train_demo_clip
-from a3tune.labels.proposals import ProposalParams
+from a3tune.labels.proposal_params import ProposalParams
 from a3tune.labels.refine_stage import run_refine
 
 S = 64  # working size of the constructed proposals

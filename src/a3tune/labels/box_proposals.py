@@ -41,7 +41,8 @@ import torch
 
 from a3tune.compat import ensure_torchvision
 from a3tune.labels.box_params import BoxProposalParams
-from a3tune.labels.proposals import ProposalParams, Proposals
+from a3tune.labels.proposal_params import ProposalParams
+from a3tune.labels.proposal_types import Proposals
 from a3tune.labels.sam_backends import LoadedSam
 
 ensure_torchvision()  # segment_anything imports torchvision

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from a3tune.io.atomic import atomic_file
-from a3tune.labels.proposals import Proposals
+from a3tune.labels.proposal_types import Proposals
 
 # Bump when the generator's output for the same settings changes, so stale entries are not reused.
 CACHE_FORMAT = 1

@@ -29,7 +29,7 @@ from a3tune.io.provenance import Provenance, hash_file, hash_path
 from a3tune.io.shards import shard_of
 from a3tune.io.zarr_store import write_store
 from a3tune.labels.proposal_cache import ProposalCache, cache_key
-from a3tune.labels.proposals import ProposalParams
+from a3tune.labels.proposal_params import ProposalParams
 
 log = logging.getLogger(__name__)
 

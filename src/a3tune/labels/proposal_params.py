@@ -1,0 +1,126 @@
+"""The proposal stage's parameters: ``ProposalParams``, checked on construction and read from JSON.
+
+Kept apart from the generators so that the modules those take (the ``"boxes"`` generator in
+``a3tune.labels.box_proposals``, the filters in ``a3tune.labels.proposal_filters``) can import the
+parameters without importing the generators. ``ProposalParams.from_dict`` rejects unknown keys and
+wrongly typed values; ``boxes`` holds the box generator's own parameters
+(``a3tune.labels.box_params``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from a3tune.labels.box_params import BoxProposalParams
+
+
+def _field(default: Any, help: str) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass(frozen=True)
+class ProposalParams:
+    """How proposals are generated and filtered; the defaults are the reference's numbers (§2.1)."""
+
+    generator: str = _field(
+        "points", "proposal generator, a key of GENERATORS ('points': SAM point grid; 'boxes': box prompts on "
+        "candidate regions, for box-trained SAMs, see a3tune.labels.box_proposals)"
+    )
+    working_size: int = _field(256, "side of the square working image; the aspect ratio is not kept (reference: 256)")
+    channel_order: str = _field("rgb", "'rgb', or 'bgr' to feed SAM reversed channels as the reference's cv2 images")
+    points_per_side: int = _field(8, "point grid side in the first crop layer")
+    points_per_batch: int = _field(64, "prompts per decoder call; memory only, not results (reference: 128)")
+    pred_iou_thresh: float = _field(
+        0.5, "keep masks with predicted IoU above this; <= 0 turns it off (points, re-prompting; 'boxes' has its own)"
+    )
+    stability_score_thresh: float = _field(
+        0.5, "keep masks with stability score at or above this; <= 0 turns it off (points, re-prompting; 'boxes' "
+        "has its own)"
+    )
+    stability_score_offset: float = _field(1.0, "logit offset of the stability score (SAM default)")
+    box_nms_thresh: float = _field(0.8, "box IoU above which masks of one crop are duplicates")
+    crop_n_layers: int = _field(1, "crop layers; layer i has 4**i crops")
+    crop_n_points_downscale_factor: int = _field(2, "points per side shrink by this factor in each crop layer")
+    crop_nms_thresh: float = _field(0.8, "box IoU above which masks of different crops are duplicates")
+    crop_overlap_ratio: float = _field(512 / 1500, "overlap of neighbouring crops (SAM default)")
+    min_mask_region_area: int = _field(200, "holes and islands smaller than this (px) are removed; 0 turns it off")
+    max_area: int = _field(40000, "keep masks with area below this many px (reference: 40000 of 65536)")
+    border_margin: tuple[int, int] = _field(
+        (1, 2),
+        "drop masks reaching into the first m0 or last m1 rows/columns of the working image; one int for both; "
+        "(1, 2) is the reference's x == 0 or x + w > 253 at 256 px; <= 0 turns a side off",
+    )
+    min_side: int = _field(
+        12,
+        "drop masks whose box has w - 1 <= min_side or h - 1 <= min_side px: the reference's w <= 12 on SAM's "
+        "boxes, whose w is one less than the pixel width",
+    )
+    reprompt_boxes: bool = _field(
+        False, "re-prompt the model with each kept mask's box (single-mask output) and keep the refined mask"
+    )
+    boxes: BoxProposalParams = dataclasses.field(
+        default_factory=BoxProposalParams,
+        metadata={"help": "parameters of the 'boxes' generator, a mapping (a3tune.labels.box_params)"},
+    )
+
+    def __post_init__(self) -> None:
+        margin = self.border_margin
+        if isinstance(margin, int) and not isinstance(margin, bool):
+            object.__setattr__(self, "border_margin", (margin, margin))
+        elif isinstance(margin, (list, tuple)):
+            object.__setattr__(self, "border_margin", tuple(margin))
+        from a3tune.labels.proposals import GENERATORS  # here, not at the top: that module imports this one
+
+        checks = [
+            (self.generator in GENERATORS, f"generator must be one of {sorted(GENERATORS)}, got {self.generator!r}"),
+            (self.working_size >= 32, f"working_size must be >= 32, got {self.working_size}"),
+            (self.channel_order in ("rgb", "bgr"), f"channel_order must be 'rgb' or 'bgr', got {self.channel_order!r}"),
+            (self.points_per_side >= 1, f"points_per_side must be >= 1, got {self.points_per_side}"),
+            (self.points_per_batch >= 1, f"points_per_batch must be >= 1, got {self.points_per_batch}"),
+            (self.crop_n_layers >= 0, f"crop_n_layers must be >= 0, got {self.crop_n_layers}"),
+            (self.crop_n_points_downscale_factor >= 1, "crop_n_points_downscale_factor must be >= 1"),
+            (self.min_mask_region_area >= 0, f"min_mask_region_area must be >= 0, got {self.min_mask_region_area}"),
+            (self.max_area >= 1, f"max_area must be >= 1, got {self.max_area}"),
+            (
+                isinstance(self.border_margin, tuple)
+                and len(self.border_margin) == 2
+                and all(_is_int(m) for m in self.border_margin),
+                f"border_margin must be an int or a pair of ints, got {margin!r}",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"proposal params: {message}")
+
+    @classmethod
+    def from_dict(cls, params: dict[str, Any]) -> ProposalParams:
+        """Build from plain JSON values; unknown keys and wrongly typed values raise ``ValueError``."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(params) - set(fields))
+        if unknown:
+            raise ValueError(f"proposal params: unknown parameter(s) {unknown}; known: {sorted(fields)}")
+        return cls(**{k: _coerce(k, fields[k].type, v) for k, v in params.items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON values, accepted back by ``from_dict``."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _coerce(name: str, kind: str, value: Any) -> Any:
+    """Check a JSON value against the field's annotation (a string: ``from __future__ import annotations``)."""
+    if kind == "int" and _is_int(value):
+        return value
+    if kind == "float" and (_is_int(value) or isinstance(value, float)):
+        return float(value)
+    if kind in ("str", "bool") and type(value).__name__ == kind:
+        return value
+    if kind == "tuple[int, int]" and (_is_int(value) or isinstance(value, (list, tuple))):
+        return value if _is_int(value) else tuple(value)  # checked in __post_init__
+    if kind == "BoxProposalParams":
+        return value if isinstance(value, BoxProposalParams) else BoxProposalParams.from_dict(value)
+    raise ValueError(f"proposal params: {name} must be of type {kind}, got {value!r}")
