@@ -13,7 +13,8 @@ import dataclasses
 from typing import Any
 
 
-def _field(default: Any, help: str) -> Any:
+def described_field(default: Any, help: str) -> Any:
+    """A dataclass field whose ``help`` metadata documents it (schema text, error messages)."""
     return dataclasses.field(default=default, metadata={"help": help})
 
 
@@ -22,65 +23,65 @@ class BoxProposalParams:
     """Candidate regions, box prompts and the filters that keep real structures."""
 
     # Candidate regions (model-free)
-    smooth_sigma: float = _field(
+    smooth_sigma: float = described_field(
         1.5, "Gaussian sigma (px) of the denoising before candidate regions (1.5 px found every phantom lesion)"
     )
-    mser_delta: int = _field(
+    mser_delta: int = described_field(
         3, "MSER delta: grey-level step over which a region's area change is measured; smaller finds fainter "
         "organs (organ boxes found at box IoU >= 0.7: 0.79 at 8, 0.92 at 5, 0.95 at 3, 0.96 at 2; prompts per "
         "image 23 at 5, 33 at 3, 60 at 2)"
     )
-    mser_max_variation: float = _field(
+    mser_max_variation: float = described_field(
         1.0, "MSER: largest relative area change over +-delta grey levels (organ boxes found: 0.92 at 1.0, 0.82 at 0.5)"
     )
-    min_region_area: int = _field(40, "smallest candidate region in px (the smallest phantom lesion is ~110 px)")
-    max_region_fraction: float = _field(0.8, "largest candidate region, as a fraction of the image")
-    candidate_nms: float = _field(
+    min_region_area: int = described_field(40, "smallest candidate region in px (the smallest phantom lesion is ~110 px)")
+    max_region_fraction: float = described_field(0.8, "largest candidate region, as a fraction of the image")
+    candidate_nms: float = described_field(
         0.85, "box IoU above which two candidates are one prompt (at mser_delta 5: 0.85 gave 24 prompts per image "
         "and lesion boxes at IoU >= 0.85 0.94; 0.7 gave 17 prompts and 0.75)"
     )
-    max_candidates: int = _field(
+    max_candidates: int = described_field(
         64, "most prompts per image, strongest boundary contrast first (phantoms: 33 on average)"
     )
     # Box prompts
-    box_padding: int = _field(
+    box_padding: int = described_field(
         2, "px added on each side of a candidate's tight box before prompting (LiteMedSAM on padded true boxes, "
         "share of masks at IoU >= 0.75: organs 0.94 / 0.97 / 0.98, lesions 0.91 / 1.00 / 0.94 at 0 / 2 / 4 px)"
     )
-    decoder_window: float = _field(
+    decoder_window: float = described_field(
         0.5,
         "the mask decoder sees only the image embedding within the box enlarged by this fraction of its "
         "longer side on each side, 5-20x cheaper with masks at IoU 0.98-1.0 to the full decoder's "
         "(<= 0: the whole embedding)",
     )
     # Filters
-    min_predicted_iou: float = _field(
+    min_predicted_iou: float = described_field(
         0.7, "keep refined masks with predicted IoU above this (1% of masks matching a structure are lower, "
         "30% of the others)"
     )
-    min_stability: float = _field(
+    min_stability: float = described_field(
         0.6, "keep refined masks with SAM's stability score at or above this (1% / 25%, as above)"
     )
-    min_agreement: float = _field(
+    min_agreement: float = described_field(
         0.35, "keep refined masks whose IoU with their candidate region is at least this (1% of masks matching a "
         "structure are lower)"
     )
-    prefer_region_contrast: float = _field(
+    prefer_region_contrast: float = described_field(
         2.0, "keep the candidate region instead of the refined mask when its boundary contrast is this many times "
         "higher (LiteMedSAM's body masks reach IoU 0.64-0.86, the body's region 0.97-0.99)"
     )
-    min_contrast: float = _field(
+    min_contrast: float = described_field(
         1.5, "keep masks whose boundary contrast (see boundary_contrast) is at least this: structures 3-20, "
         "a blob cut out of flat tissue ~0.2"
     )
-    ring_width: int = _field(3, "width (px) of the rings inside and outside a mask's boundary (contrast filter)")
-    ring_gap: int = _field(2, "px between a mask's boundary and its contrast rings (skips the blurred edge)")
-    jitter: float = _field(
+    ring_width: int = described_field(3, "width (px) of the rings inside and outside a mask's boundary (contrast filter)")
+    ring_gap: int = described_field(2, "px between a mask's boundary and its contrast rings (skips the blurred edge)")
+    jitter: float = described_field(
         0.0, "box jitter for the stability filter, a fraction of the box side (0: off; at 0.03 it tripled the "
         "decoder calls and removed no wrong mask the other filters keep; at 0.1 it rejects the body)"
     )
-    min_jitter_stability: float = _field(0.8, "keep refined masks whose IoU with their jittered-box masks is >= this")
-    mask_nms: float = _field(
+    min_jitter_stability: float = described_field(0.8, "keep refined masks whose IoU with their jittered-box masks is >= this")
+    mask_nms: float = described_field(
         0.8, "mask IoU above which two kept masks are duplicates, the higher predicted IoU kept (0.7: 8% fewer "
         "proposals, and a spine fell below IoU 0.75)"
     )

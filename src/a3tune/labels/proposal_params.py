@@ -12,51 +12,47 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from a3tune.labels.box_params import BoxProposalParams
-
-
-def _field(default: Any, help: str) -> Any:
-    return dataclasses.field(default=default, metadata={"help": help})
+from a3tune.labels.box_params import BoxProposalParams, described_field
 
 
 @dataclasses.dataclass(frozen=True)
 class ProposalParams:
     """How proposals are generated and filtered; the defaults are the reference's numbers (§2.1)."""
 
-    generator: str = _field(
+    generator: str = described_field(
         "points", "proposal generator, a key of GENERATORS ('points': SAM point grid; 'boxes': box prompts on "
         "candidate regions, for box-trained SAMs, see a3tune.labels.box_proposals)"
     )
-    working_size: int = _field(256, "side of the square working image; the aspect ratio is not kept (reference: 256)")
-    channel_order: str = _field("rgb", "'rgb', or 'bgr' to feed SAM reversed channels as the reference's cv2 images")
-    points_per_side: int = _field(8, "point grid side in the first crop layer")
-    points_per_batch: int = _field(64, "prompts per decoder call; memory only, not results (reference: 128)")
-    pred_iou_thresh: float = _field(
+    working_size: int = described_field(256, "side of the square working image; the aspect ratio is not kept (reference: 256)")
+    channel_order: str = described_field("rgb", "'rgb', or 'bgr' to feed SAM reversed channels as the reference's cv2 images")
+    points_per_side: int = described_field(8, "point grid side in the first crop layer")
+    points_per_batch: int = described_field(64, "prompts per decoder call; memory only, not results (reference: 128)")
+    pred_iou_thresh: float = described_field(
         0.5, "keep masks with predicted IoU above this; <= 0 turns it off (points, re-prompting; 'boxes' has its own)"
     )
-    stability_score_thresh: float = _field(
+    stability_score_thresh: float = described_field(
         0.5, "keep masks with stability score at or above this; <= 0 turns it off (points, re-prompting; 'boxes' "
         "has its own)"
     )
-    stability_score_offset: float = _field(1.0, "logit offset of the stability score (SAM default)")
-    box_nms_thresh: float = _field(0.8, "box IoU above which masks of one crop are duplicates")
-    crop_n_layers: int = _field(1, "crop layers; layer i has 4**i crops")
-    crop_n_points_downscale_factor: int = _field(2, "points per side shrink by this factor in each crop layer")
-    crop_nms_thresh: float = _field(0.8, "box IoU above which masks of different crops are duplicates")
-    crop_overlap_ratio: float = _field(512 / 1500, "overlap of neighbouring crops (SAM default)")
-    min_mask_region_area: int = _field(200, "holes and islands smaller than this (px) are removed; 0 turns it off")
-    max_area: int = _field(40000, "keep masks with area below this many px (reference: 40000 of 65536)")
-    border_margin: tuple[int, int] = _field(
+    stability_score_offset: float = described_field(1.0, "logit offset of the stability score (SAM default)")
+    box_nms_thresh: float = described_field(0.8, "box IoU above which masks of one crop are duplicates")
+    crop_n_layers: int = described_field(1, "crop layers; layer i has 4**i crops")
+    crop_n_points_downscale_factor: int = described_field(2, "points per side shrink by this factor in each crop layer")
+    crop_nms_thresh: float = described_field(0.8, "box IoU above which masks of different crops are duplicates")
+    crop_overlap_ratio: float = described_field(512 / 1500, "overlap of neighbouring crops (SAM default)")
+    min_mask_region_area: int = described_field(200, "holes and islands smaller than this (px) are removed; 0 turns it off")
+    max_area: int = described_field(40000, "keep masks with area below this many px (reference: 40000 of 65536)")
+    border_margin: tuple[int, int] = described_field(
         (1, 2),
         "drop masks reaching into the first m0 or last m1 rows/columns of the working image; one int for both; "
         "(1, 2) is the reference's x == 0 or x + w > 253 at 256 px; <= 0 turns a side off",
     )
-    min_side: int = _field(
+    min_side: int = described_field(
         12,
         "drop masks whose box has w - 1 <= min_side or h - 1 <= min_side px: the reference's w <= 12 on SAM's "
         "boxes, whose w is one less than the pixel width",
     )
-    reprompt_boxes: bool = _field(
+    reprompt_boxes: bool = described_field(
         False, "re-prompt the model with each kept mask's box (single-mask output) and keep the refined mask"
     )
     boxes: BoxProposalParams = dataclasses.field(
