@@ -102,8 +102,8 @@ class BoxProposalParams:
         0.7, "no grid box where a candidate region's prompt box overlaps it at box IoU above this"
     )
     grid_window: float = described_field(
-        0.25, "decoder_window for grid prompts: at 0.25 every 48-px grid box fits a 32-token window (at 0.5 a "
-        "misaligned one needs the whole embedding, 3x the cost)"
+        0.25, "decoder_window for grid prompts: at 0.25 every 48-px grid box fits a 32-token window (real MRI, 8 "
+        "slices, 1 thread, loaded machine: decoder 4.5 s / image and mean best Dice 0.31 at 0.25, 5.9 s and 0.32 at 0.5)"
     )
     grid_min_predicted_iou: float = described_field(
         0.5, "keep grid masks with predicted IoU above this (real MRI, 25 slots: mean best Dice 0.342 at 0.5, 0.340 at 0.6)"
