@@ -71,8 +71,9 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _params(**boxes) -> ProposalParams:
-    """The generator's defaults with these box parameters, the box grid off unless given."""
-    return ProposalParams.from_dict({**bx.BOX_GENERATOR_DEFAULTS, "boxes": {"grid_scales": 0, **boxes}})
+    """The generator's defaults with these box parameters; the box grid and the large-region slots off unless given."""
+    return ProposalParams.from_dict({**bx.BOX_GENERATOR_DEFAULTS, "boxes": {"grid_scales": 0, "large_region_slots": 0,
+                                                                            **boxes}})  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------
@@ -235,7 +236,7 @@ def test_blank_image_gives_zero_proposals_without_running_the_encoder(lite):
 )
 def test_each_filter_removes_what_it_should(lite, scene, found_regions, params, left):
     params.setdefault("min_side", 6)
-    params["boxes"]["grid_scales"] = 0  # the candidate regions' filters, without the grid's prompts
+    params["boxes"].update(grid_scales=0, large_region_slots=0)  # the region path's filters alone
     fewer = generate_proposals(lite, scene[0], ProposalParams.from_dict(params))
     assert len(fewer) <= left < len(found_regions)
 
@@ -284,3 +285,12 @@ def test_sparse_box_grid_covers_a_structure_without_an_edge_of_its_own():
     assert box_iou(patch, sparse_box_grid(grey, (48,), foreground_level=20, min_foreground=0.3,
                                           covered=patch, max_covered_iou=0.7)).max() <= 0.7  # fmt: skip
     assert len(sparse_box_grid(np.zeros((256, 256), np.uint8), (48,), foreground_level=20, min_foreground=0.3)) == 0
+
+
+def test_large_region_slots_keep_the_largest_candidate_region(lite, scene):
+    # Every model mask filtered out: what is left is the largest candidate region itself (the body)
+    image, masks = scene
+    found = generate_proposals(lite, image, _params(min_predicted_iou=0.999, large_region_slots=1))
+    regions, _ = bx.prompt_candidates(bx.denoised_grey(image, 1.5), BoxProposalParams())
+    assert len(found) == 1 and any((found.masks[0] == r).all() for r in regions.masks)
+    assert len(generate_proposals(lite, image, _params(min_predicted_iou=0.999))) == 0

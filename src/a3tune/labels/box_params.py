@@ -116,6 +116,11 @@ class BoxProposalParams:
     region_slots: int = described_field(
         15, "most proposals from candidate regions, best predicted IoU first (phantoms keep 12.4 on average)"
     )
+    large_region_slots: int = described_field(
+        3, "proposals taken as the largest candidate regions themselves (area first, boundary contrast >= "
+        "min_contrast, no copy of a kept mask): real MRI regions alone reach brain / grey / white matter Dice "
+        "0.91 / 0.74 / 0.65, LiteMedSAM's masks of them 0.44 / 0.23 / 0.26"
+    )
     max_proposals: int = described_field(25, "most proposals per image (the issue's bound); grid masks fill what regions leave")
 
     def __post_init__(self) -> None:

@@ -41,7 +41,7 @@ import torch
 
 from a3tune.compat import ensure_torchvision
 from a3tune.labels.box_params import BoxProposalParams
-from a3tune.labels.proposal_filters import area_below, away_from_border, box_has_extent, sides_above
+from a3tune.labels.proposal_filters import reference_ok
 from a3tune.labels.proposal_params import ProposalParams
 from a3tune.labels.proposal_types import Proposals
 from a3tune.labels.region_cues import box_iou, sparse_box_grid
@@ -316,15 +316,6 @@ def prompt_candidates(grey: np.ndarray, bp: BoxProposalParams) -> tuple[Candidat
 
 
 
-def reference_ok(masks: np.ndarray, params: ProposalParams) -> np.ndarray:
-    """The reference filters (area, box extent, border, sides) as a keep column, to apply before any cap."""
-    found = Proposals.from_masks(masks, np.zeros(len(masks)), np.zeros(len(masks)))
-    size = masks.shape[-1]
-    return (area_below(found.area, params.max_area) & box_has_extent(found.bbox_xywh)
-            & away_from_border(found.bbox_xywh, size, params.border_margin)
-            & sides_above(found.bbox_xywh, params.min_side))  # fmt: skip
-
-
 def generate_box_proposals(sam: LoadedSam, image: np.ndarray, params: ProposalParams) -> Proposals:
     """Box-prompt proposals on the (S, S, 3) uint8 working image; registered as generator ``"boxes"``."""
     bp: BoxProposalParams = params.boxes
@@ -376,8 +367,19 @@ def generate_box_proposals(sam: LoadedSam, image: np.ndarray, params: ProposalPa
     kept = rows[greedy_nms(mask_iou_matrix(masks[rows]), predicted_iou[rows], bp.mask_nms)] if len(rows) else rows
     kept = kept[: min(bp.region_slots, params.boxes.max_proposals)]
     out = [(masks[kept], predicted_iou[kept], stability[kept])]
+    # The largest candidate regions themselves (tissue classes whose refined masks are poor), no copies
+    big = np.flatnonzero(reference_ok(found.masks, params) & (contrast >= bp.min_contrast))
+    big = big[np.argsort(-found.masks[big].sum(axis=(1, 2)), kind="stable")]
+    kept_masks = masks[kept]
+    for i in big[: 4 * bp.large_region_slots]:
+        if len(kept_masks) >= min(len(kept) + bp.large_region_slots, bp.max_proposals):
+            break
+        overlap = mask_iou_matrix(np.concatenate([kept_masks, found.masks[i : i + 1]]))[-1, :-1]
+        if not len(overlap) or overlap.max() <= bp.mask_nms:
+            kept_masks = np.concatenate([kept_masks, found.masks[i : i + 1]])
+            out.append((found.masks[i : i + 1], predicted_iou[i : i + 1], stability[i : i + 1]))
     # The grid's prompts fill the remaining slots: model filters, reference filters, no copy of a kept mask
-    if len(grid) and len(kept) < bp.max_proposals:
+    if len(grid) and len(kept_masks) < bp.max_proposals:
         g_logits, g_iou = decode_boxes(sam, predictor, grid, window=bp.grid_window, batch=params.points_per_batch)
         g_masks = (g_logits > threshold).numpy()
         g_stability = calculate_stability_score(g_logits, threshold, params.stability_score_offset).numpy()
@@ -385,10 +387,10 @@ def generate_box_proposals(sam: LoadedSam, image: np.ndarray, params: ProposalPa
         ok = (g_iou > bp.grid_min_predicted_iou) & (g_stability >= bp.grid_min_stability)
         ok[ok] &= reference_ok(g_masks[ok], params)
         g = np.flatnonzero(ok)
-        if len(g) and len(kept):
-            both = mask_iou_matrix(np.concatenate([masks[kept], g_masks[g]]))
-            g = g[both[len(kept) :, : len(kept)].max(axis=1) <= bp.grid_mask_nms]
+        if len(g) and len(kept_masks):
+            both = mask_iou_matrix(np.concatenate([kept_masks, g_masks[g]]))
+            g = g[both[len(kept_masks) :, : len(kept_masks)].max(axis=1) <= bp.grid_mask_nms]
         g = g[greedy_nms(mask_iou_matrix(g_masks[g]), g_iou[g], bp.grid_mask_nms)] if len(g) else g
-        g = g[: bp.max_proposals - len(kept)]
+        g = g[: bp.max_proposals - len(kept_masks)]
         out.append((g_masks[g], g_iou[g], g_stability[g]))
     return Proposals.from_masks(*(np.concatenate(column) for column in zip(*out)))
