@@ -24,8 +24,11 @@ structure:
    whole body poorly, IoU 0.64-0.86, where its region has 0.97-0.99); contrast across the kept
    mask's boundary; optionally stability under box jitter; then mask-level NMS by predicted IoU.
    ``predicted_iou`` and ``stability_score`` are the model's for the box prompt, also where the
-   region is kept. ``generate_proposals`` applies the reference filters (area, border, sides) after;
-   use ``BOX_GENERATOR_DEFAULTS`` (``min_side`` 8) so that they keep small lesions.
+   region is kept. The reference filters (area, border, sides) run here, before any cap (and again in
+   ``generate_proposals``); use ``BOX_GENERATOR_DEFAULTS`` (``min_side`` 8) so that they keep small lesions.
+5. **Slots** (at most ``max_proposals``): the best ``region_slots`` refined masks, then the
+   ``large_region_slots`` largest candidate regions themselves, then masks of a sparse box grid
+   over the foreground where no candidate lies (``a3tune.labels.region_cues``).
 
 An image without candidate regions (a blank image) gets an empty ``Proposals`` without running the
 encoder.
