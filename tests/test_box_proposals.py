@@ -13,6 +13,7 @@ from a3tune.labels import box_proposals as bx
 from a3tune.labels.box_params import BoxProposalParams
 from a3tune.labels.proposal_params import ProposalParams
 from a3tune.labels.proposals import GENERATORS, generate_proposals, prepare_image
+from a3tune.labels.region_cues import box_iou, sparse_box_grid
 from a3tune.labels.sam_backends import build_sam
 
 SIZE = 256
@@ -59,12 +60,20 @@ def found(lite, scene):
     return generate_proposals(lite, scene[0], ProposalParams.from_dict(bx.BOX_GENERATOR_DEFAULTS))
 
 
+@pytest.fixture(scope="module")
+def found_regions(lite, scene):
+    """The candidate-region cue alone (no box grid): what the filters below act on."""
+    return generate_proposals(lite, scene[0], _params())
+
+
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / max((a | b).sum(), 1))
 
 
 def _params(**boxes) -> ProposalParams:
-    return ProposalParams.from_dict({**bx.BOX_GENERATOR_DEFAULTS, "boxes": boxes})
+    """The generator's defaults with these box parameters; the box grid and the large-region slots off unless given."""
+    return ProposalParams.from_dict({**bx.BOX_GENERATOR_DEFAULTS, "boxes": {"grid_scales": 0, "large_region_slots": 0,
+                                                                            **boxes}})  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------
@@ -200,9 +209,9 @@ def test_generator_finds_the_constructed_structures(found, scene):
     _, masks = scene
     for name, mask in masks.items():
         assert max(_iou(mask, m) for m in found.masks) >= 0.8, name
-    assert len(found) <= 8
+    assert len(found) <= BoxProposalParams().max_proposals
     assert found.timings.encoder_calls == 1 and found.timings.decoder_calls >= 1
-    assert (found.predicted_iou > 0.7).all() and (found.stability_score >= 0.6).all()
+    assert (found.predicted_iou > 0.5).all() and (found.stability_score >= 0.5).all()
 
 
 def test_blank_image_gives_zero_proposals_without_running_the_encoder(lite):
@@ -225,13 +234,14 @@ def test_blank_image_gives_zero_proposals_without_running_the_encoder(lite):
         ({"generator": "boxes", "boxes": {"mask_nms": 0.01}}, 2),  # mask NMS: only disjoint masks stay
     ],
 )
-def test_each_filter_removes_what_it_should(lite, scene, found, params, left):
+def test_each_filter_removes_what_it_should(lite, scene, found_regions, params, left):
     params.setdefault("min_side", 6)
+    params["boxes"].update(grid_scales=0, large_region_slots=0)  # the region path's filters alone
     fewer = generate_proposals(lite, scene[0], ProposalParams.from_dict(params))
-    assert len(fewer) <= left < len(found)
+    assert len(fewer) <= left < len(found_regions)
 
 
-def test_regions_replace_refined_masks_only_where_their_boundary_is_sharper(lite, scene, found):
+def test_regions_replace_refined_masks_only_where_their_boundary_is_sharper(lite, scene, found_regions):
     image, _ = scene
     grey = bx.denoised_grey(image, 1.5)
     regions, contrast = bx.prompt_candidates(grey, BoxProposalParams())
@@ -241,13 +251,13 @@ def test_regions_replace_refined_masks_only_where_their_boundary_is_sharper(lite
     never = generate_proposals(lite, image, _params(prefer_region_contrast=1e9))
     assert len(always) and all(any((m == r).all() for r in regions.masks) for m in always.masks)
     assert not any(any((m == r).all() for r in regions.masks) for m in never.masks)
-    assert len(found) == len(never)
+    assert len(found_regions) == len(never)
 
 
-def test_jitter_keeps_stable_structures(lite, scene, found):
+def test_jitter_keeps_stable_structures(lite, scene, found_regions):
     jittered = generate_proposals(lite, scene[0], _params(jitter=0.03, min_jitter_stability=0.8))
-    assert len(jittered) >= len(found) - 1
-    assert jittered.timings.decoder_calls > found.timings.decoder_calls
+    assert len(jittered) >= len(found_regions) - 1
+    assert jittered.timings.decoder_calls > found_regions.timings.decoder_calls
 
 
 def test_runs_on_the_original_sam_architecture():
@@ -258,3 +268,29 @@ def test_runs_on_the_original_sam_architecture():
     params = {"generator": "boxes", "max_area": SIZE * SIZE, "border_margin": -1, "min_side": 0, "boxes": filters_off}
     found = generate_proposals(tiny, prepare_image(image, SIZE), ProposalParams.from_dict(params))
     assert found.masks.shape[1:] == (SIZE, SIZE) and found.timings.encoder_calls == 1
+
+
+def test_sparse_box_grid_covers_a_structure_without_an_edge_of_its_own():
+    # A 48-px patch of "cortex" inside a flat ribbon: no intensity step marks it, so only a grid box can
+    # hold it; the zero padding gets no box, and a place a candidate box already covers gets none either
+    grey = np.zeros((256, 256), np.uint8)
+    grey[48:208, 24:232] = 120
+    boxes = sparse_box_grid(grey, (48, 96), foreground_level=20, min_foreground=0.3)
+    assert len(boxes) and (boxes[:, 2:] - boxes[:, :2] > 0).all()
+    inside = grey > 20
+    for x0, y0, x1, y1 in boxes.astype(int):
+        assert inside[y0:y1, x0:x1].mean() >= 0.3
+    patch = np.array([[72, 96, 120, 144]], np.float32)  # the structure's tight box
+    assert box_iou(patch, boxes).max() == 1.0
+    assert box_iou(patch, sparse_box_grid(grey, (48,), foreground_level=20, min_foreground=0.3,
+                                          covered=patch, max_covered_iou=0.7)).max() <= 0.7  # fmt: skip
+    assert len(sparse_box_grid(np.zeros((256, 256), np.uint8), (48,), foreground_level=20, min_foreground=0.3)) == 0
+
+
+def test_large_region_slots_keep_the_largest_candidate_region(lite, scene):
+    # Every model mask filtered out: what is left is the largest candidate region itself (the body)
+    image, masks = scene
+    found = generate_proposals(lite, image, _params(min_predicted_iou=0.999, large_region_slots=1))
+    regions, _ = bx.prompt_candidates(bx.denoised_grey(image, 1.5), BoxProposalParams())
+    assert len(found) == 1 and any((found.masks[0] == r).all() for r in regions.masks)
+    assert len(generate_proposals(lite, image, _params(min_predicted_iou=0.999))) == 0

@@ -86,6 +86,44 @@ class BoxProposalParams:
         "proposals, and a spine fell below IoU 0.75)"
     )
 
+    # Second cue: a sparse box grid over the foreground (a3tune.labels.region_cues), and the output cap
+    grid_side: int = described_field(
+        48, "side (px at 256) of the smallest grid box; the grid has grid_scales sides, doubling (real MRI, 8 "
+        "slices, all prompts' masks: best Dice 0.48 with sides 48 + 96, 0.53 with MSER added)"
+    )
+    grid_scales: int = described_field(2, "number of grid box sides, grid_side * 2**k (0: no grid)")
+    grid_foreground_level: int = described_field(
+        20, "grey level (denoised, 0-255) above which a pixel is foreground for the grid (MRI padding is 0)"
+    )
+    grid_min_foreground: float = described_field(
+        0.7, "grid boxes need at least this share of foreground pixels (real MRI, 8 slices: mean best Dice 0.33 / "
+        "0.34 / 0.35 and 5.4 / 5.3 / 4.6 s per slice at 0.3 / 0.5 / 0.7)"
+    )
+    grid_max_covered_iou: float = described_field(
+        0.7, "no grid box where a candidate region's prompt box overlaps it at box IoU above this"
+    )
+    grid_window: float = described_field(
+        0.25, "decoder_window for grid prompts: at 0.25 every 48-px grid box fits a 32-token window (real MRI, 8 "
+        "slices, 1 thread, loaded machine: decoder 4.5 s / image and mean best Dice 0.31 at 0.25, 5.9 s and 0.32 at 0.5)"
+    )
+    grid_min_predicted_iou: float = described_field(
+        0.5, "keep grid masks with predicted IoU above this (real MRI, 25 slots: mean best Dice 0.342 at 0.5, 0.340 at 0.6)"
+    )
+    grid_min_stability: float = described_field(0.5, "keep grid masks with stability score at or above this")
+    grid_mask_nms: float = described_field(
+        0.3, "mask IoU above which a grid mask copies a kept mask (real MRI, 25 slots: best Dice 0.342 at 0.3, "
+        "0.33 at 0.5 and 0.65): low, so that the few slots spread over the image"
+    )
+    region_slots: int = described_field(
+        15, "most proposals from candidate regions, best predicted IoU first (phantoms keep 12.4 on average)"
+    )
+    large_region_slots: int = described_field(
+        2, "proposals taken as the largest candidate regions themselves (area first, boundary contrast >= "
+        "min_contrast, no copy of a kept mask): on real MRI (8 slices) brain / grey / white matter best Dice "
+        "0.44 / 0.23 / 0.26 at 0, 0.85 / 0.74 / 0.62 at 2 and 3; all structures 0.31 / 0.33 / 0.32 at 0 / 2 / 3"
+    )
+    max_proposals: int = described_field(25, "most proposals per image (the issue's bound); grid masks fill what regions leave")
+
     def __post_init__(self) -> None:
         checks = [
             (self.smooth_sigma >= 0, f"smooth_sigma must be >= 0, got {self.smooth_sigma}"),
@@ -101,6 +139,9 @@ class BoxProposalParams:
             (self.ring_width >= 1, f"ring_width must be >= 1, got {self.ring_width}"),
             (self.ring_gap >= 0, f"ring_gap must be >= 0, got {self.ring_gap}"),
             (0 < self.mask_nms <= 1, f"mask_nms must be in (0, 1], got {self.mask_nms}"),
+            (self.grid_side >= 2 and self.grid_scales >= 0, "grid_side must be >= 2 and grid_scales >= 0"),
+            (0 < self.grid_mask_nms <= 1, f"grid_mask_nms must be in (0, 1], got {self.grid_mask_nms}"),
+            (self.max_proposals >= 0 and self.region_slots >= 0, "max_proposals and region_slots must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:

@@ -24,8 +24,11 @@ structure:
    whole body poorly, IoU 0.64-0.86, where its region has 0.97-0.99); contrast across the kept
    mask's boundary; optionally stability under box jitter; then mask-level NMS by predicted IoU.
    ``predicted_iou`` and ``stability_score`` are the model's for the box prompt, also where the
-   region is kept. ``generate_proposals`` applies the reference filters (area, border, sides) after;
-   use ``BOX_GENERATOR_DEFAULTS`` (``min_side`` 8) so that they keep small lesions.
+   region is kept. The reference filters (area, border, sides) run here, before any cap (and again in
+   ``generate_proposals``); use ``BOX_GENERATOR_DEFAULTS`` (``min_side`` 8) so that they keep small lesions.
+5. **Slots** (at most ``max_proposals``): the best ``region_slots`` refined masks, then the
+   ``large_region_slots`` largest candidate regions themselves, then masks of a sparse box grid
+   over the foreground where no candidate lies (``a3tune.labels.region_cues``).
 
 An image without candidate regions (a blank image) gets an empty ``Proposals`` without running the
 encoder.
@@ -41,8 +44,10 @@ import torch
 
 from a3tune.compat import ensure_torchvision
 from a3tune.labels.box_params import BoxProposalParams
+from a3tune.labels.proposal_filters import reference_ok
 from a3tune.labels.proposal_params import ProposalParams
 from a3tune.labels.proposal_types import Proposals
+from a3tune.labels.region_cues import box_iou, sparse_box_grid
 from a3tune.labels.sam_backends import LoadedSam
 
 ensure_torchvision()  # segment_anything imports torchvision
@@ -128,16 +133,6 @@ def tight_boxes(masks: np.ndarray) -> np.ndarray:
     x1 = masks.shape[2] - cols[:, ::-1].argmax(axis=1)
     y1 = masks.shape[1] - rows[:, ::-1].argmax(axis=1)
     return np.stack([x0, y0, x1, y1], axis=1).astype(np.float32).reshape(-1, 4)
-
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of every box in ``a`` (n, 4) with every box in ``b`` (m, 4), xyxy: (n, m)."""
-    lo = np.maximum(a[:, None, :2], b[None, :, :2])
-    hi = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(hi - lo, 0, None), axis=2)
-    area_a = np.prod(a[:, 2:] - a[:, :2], axis=1)
-    area_b = np.prod(b[:, 2:] - b[:, :2], axis=1)
-    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
 
 
 def greedy_nms(overlap: np.ndarray, scores: np.ndarray, thresh: float) -> np.ndarray:
@@ -331,12 +326,16 @@ def generate_box_proposals(sam: LoadedSam, image: np.ndarray, params: ProposalPa
     grey = denoised_grey(image, bp.smooth_sigma)
     # Candidate regions, one per distinct box, with their boundary contrast
     found, contrast = prompt_candidates(grey, bp)
-    if not len(found):
+    prompts = np.clip(found.boxes + np.array([-1, -1, 1, 1]) * bp.box_padding, 0, size)
+    # Second cue: a sparse box grid over the foreground where no candidate box lies
+    grid = sparse_box_grid(grey, tuple(bp.grid_side * 2**k for k in range(bp.grid_scales)),
+                           foreground_level=bp.grid_foreground_level, min_foreground=bp.grid_min_foreground,
+                           covered=prompts, max_covered_iou=bp.grid_max_covered_iou)  # fmt: skip
+    if not len(found):  # no stable region at all (a blank image): nothing to prompt for
         return Proposals.empty(size)
     # Encoder once; each candidate's padded box through the single-mask output
     predictor = SamPredictor(sam.model)
     predictor.set_image(image)
-    prompts = np.clip(found.boxes + np.array([-1, -1, 1, 1]) * bp.box_padding, 0, size)
     logits, predicted_iou = decode_boxes(sam, predictor, prompts, window=bp.decoder_window,
                                          batch=params.points_per_batch)  # fmt: skip
     threshold = sam.model.mask_threshold
@@ -355,6 +354,9 @@ def generate_box_proposals(sam: LoadedSam, image: np.ndarray, params: ProposalPa
     masks = np.where(use_region[:, None, None], found.masks, refined)
     # Filter by contrast across the kept mask's boundary (blobs cut out of flat tissue have none)
     keep &= np.where(use_region, contrast, refined_contrast) >= bp.min_contrast
+    # Reference filters before the cap, so that no slot goes to a mask they would drop
+    if len(masks):
+        keep &= reference_ok(masks, params)
     rows = np.flatnonzero(keep)
     # Filter by stability under box jitter: shrunk and grown boxes must give the same refined mask
     if bp.jitter > 0 and len(rows):
@@ -363,6 +365,35 @@ def generate_box_proposals(sam: LoadedSam, image: np.ndarray, params: ProposalPa
             other, _ = decode_boxes(sam, predictor, variant, window=bp.decoder_window, batch=params.points_per_batch)
             stable &= paired_mask_iou(refined[rows], (other > threshold).numpy()) >= bp.min_jitter_stability
         rows = rows[stable | use_region[rows]]  # a kept region does not depend on the model's mask
-    # Mask NMS: of masks overlapping above mask_nms, keep the one with the higher predicted IoU
+    # Mask NMS: of masks overlapping above mask_nms, keep the one with the higher predicted IoU; the
+    # region cue's best region_slots first
     kept = rows[greedy_nms(mask_iou_matrix(masks[rows]), predicted_iou[rows], bp.mask_nms)] if len(rows) else rows
-    return Proposals.from_masks(masks[kept], predicted_iou[kept], stability[kept])
+    kept = kept[: min(bp.region_slots, params.boxes.max_proposals)]
+    out = [(masks[kept], predicted_iou[kept], stability[kept])]
+    # The largest candidate regions themselves (tissue classes whose refined masks are poor), no copies
+    big = np.flatnonzero(reference_ok(found.masks, params) & (contrast >= bp.min_contrast))
+    big = big[np.argsort(-found.masks[big].sum(axis=(1, 2)), kind="stable")]
+    kept_masks = masks[kept]
+    for i in big[: 4 * bp.large_region_slots]:
+        if len(kept_masks) >= min(len(kept) + bp.large_region_slots, bp.max_proposals):
+            break
+        overlap = mask_iou_matrix(np.concatenate([kept_masks, found.masks[i : i + 1]]))[-1, :-1]
+        if not len(overlap) or overlap.max() <= bp.mask_nms:
+            kept_masks = np.concatenate([kept_masks, found.masks[i : i + 1]])
+            out.append((found.masks[i : i + 1], predicted_iou[i : i + 1], stability[i : i + 1]))
+    # The grid's prompts fill the remaining slots: model filters, reference filters, no copy of a kept mask
+    if len(grid) and len(kept_masks) < bp.max_proposals:
+        g_logits, g_iou = decode_boxes(sam, predictor, grid, window=bp.grid_window, batch=params.points_per_batch)
+        g_masks = (g_logits > threshold).numpy()
+        g_stability = calculate_stability_score(g_logits, threshold, params.stability_score_offset).numpy()
+        g_iou = g_iou.numpy()
+        ok = (g_iou > bp.grid_min_predicted_iou) & (g_stability >= bp.grid_min_stability)
+        ok[ok] &= reference_ok(g_masks[ok], params)
+        g = np.flatnonzero(ok)
+        if len(g) and len(kept_masks):
+            both = mask_iou_matrix(np.concatenate([kept_masks, g_masks[g]]))
+            g = g[both[len(kept_masks) :, : len(kept_masks)].max(axis=1) <= bp.grid_mask_nms]
+        g = g[greedy_nms(mask_iou_matrix(g_masks[g]), g_iou[g], bp.grid_mask_nms)] if len(g) else g
+        g = g[: bp.max_proposals - len(kept_masks)]
+        out.append((g_masks[g], g_iou[g], g_stability[g]))
+    return Proposals.from_masks(*(np.concatenate(column) for column in zip(*out)))

@@ -53,6 +53,15 @@ def first_of_duplicates(masks: np.ndarray) -> np.ndarray:
     return keep
 
 
+def reference_ok(masks: np.ndarray, params: ProposalParams) -> np.ndarray:
+    """The reference filters (area, box extent, border, sides) as a keep column, to apply before any cap."""
+    found = Proposals.from_masks(masks, np.zeros(len(masks)), np.zeros(len(masks)))
+    size = masks.shape[-1]
+    return (area_below(found.area, params.max_area) & box_has_extent(found.bbox_xywh)
+            & away_from_border(found.bbox_xywh, size, params.border_margin)
+            & sides_above(found.bbox_xywh, params.min_side))  # fmt: skip
+
+
 def apply_filters(found: Proposals, params: ProposalParams) -> Proposals:
     """The reference's mask filters, in its order (all are per-mask, so the order does not matter)."""
     size = found.masks.shape[-1]
