@@ -93,6 +93,9 @@ def test_params_nest_round_trip_and_reject_unknown_keys():
         ProposalParams.from_dict({"mser_delta": 4})  # box parameters live under "boxes"
     with pytest.raises(ValueError, match="boxes.mser_delta must be of type int"):
         ProposalParams.from_dict({"boxes": {"mser_delta": 4.5}})
+    assert ProposalParams.from_dict({"boxes": {"reference_filters_first": False}}).boxes.reference_filters_first is False
+    with pytest.raises(ValueError, match="boxes.reference_filters_first must be of type bool"):
+        ProposalParams.from_dict({"boxes": {"reference_filters_first": 0}})
     with pytest.raises(ValueError, match="boxes must be a mapping"):
         ProposalParams.from_dict({"boxes": [1]})
     with pytest.raises(ValueError, match="candidate_nms must be in"):

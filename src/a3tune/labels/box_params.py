@@ -122,6 +122,11 @@ class BoxProposalParams:
         "min_contrast, no copy of a kept mask): on real MRI (8 slices) brain / grey / white matter best Dice "
         "0.44 / 0.23 / 0.26 at 0, 0.85 / 0.74 / 0.62 at 2 and 3; all structures 0.31 / 0.33 / 0.32 at 0 / 2 / 3"
     )
+    reference_filters_first: bool = described_field(
+        True, "apply the reference filters (area, border, min side) before mask NMS and the cap; false: only "
+        "after them, as before the slots existed (a mask they drop can then suppress its duplicate: 2 more "
+        "proposals of 3,507 on the phantom benchmark's 308 images with it true)"
+    )
     max_proposals: int = described_field(25, "most proposals per image (the issue's bound); grid masks fill what regions leave")
 
     def __post_init__(self) -> None:
@@ -165,4 +170,6 @@ def _coerce(name: str, kind: str, value: Any) -> Any:
         return value
     if kind == "float" and (is_int or isinstance(value, float)):
         return float(value)
+    if kind == "bool" and isinstance(value, bool):
+        return value
     raise ValueError(f"proposal params: boxes.{name} must be of type {kind}, got {value!r}")

@@ -318,7 +318,6 @@ def prompt_candidates(grey: np.ndarray, bp: BoxProposalParams) -> tuple[Candidat
     return found.filter(keep), contrast[keep]
 
 
-
 def generate_box_proposals(sam: LoadedSam, image: np.ndarray, params: ProposalParams) -> Proposals:
     """Box-prompt proposals on the (S, S, 3) uint8 working image; registered as generator ``"boxes"``."""
     bp: BoxProposalParams = params.boxes
@@ -354,8 +353,8 @@ def generate_box_proposals(sam: LoadedSam, image: np.ndarray, params: ProposalPa
     masks = np.where(use_region[:, None, None], found.masks, refined)
     # Filter by contrast across the kept mask's boundary (blobs cut out of flat tissue have none)
     keep &= np.where(use_region, contrast, refined_contrast) >= bp.min_contrast
-    # Reference filters before the cap, so that no slot goes to a mask they would drop
-    if len(masks):
+    # Reference filters before de-duplication and the cap, so that no slot goes to a mask they drop
+    if bp.reference_filters_first and len(masks):
         keep &= reference_ok(masks, params)
     rows = np.flatnonzero(keep)
     # Filter by stability under box jitter: shrunk and grown boxes must give the same refined mask
@@ -368,7 +367,7 @@ def generate_box_proposals(sam: LoadedSam, image: np.ndarray, params: ProposalPa
     # Mask NMS: of masks overlapping above mask_nms, keep the one with the higher predicted IoU; the
     # region cue's best region_slots first
     kept = rows[greedy_nms(mask_iou_matrix(masks[rows]), predicted_iou[rows], bp.mask_nms)] if len(rows) else rows
-    kept = kept[: min(bp.region_slots, params.boxes.max_proposals)]
+    kept = kept[: min(bp.region_slots, bp.max_proposals)]
     out = [(masks[kept], predicted_iou[kept], stability[kept])]
     # The largest candidate regions themselves (tissue classes whose refined masks are poor), no copies
     big = np.flatnonzero(reference_ok(found.masks, params) & (contrast >= bp.min_contrast))
