@@ -53,23 +53,22 @@ def first_of_duplicates(masks: np.ndarray) -> np.ndarray:
     return keep
 
 
+def reference_keep(area: np.ndarray, bbox_xywh: np.ndarray, size: int, params: ProposalParams) -> np.ndarray:
+    """The reference's mask filters as one keep column; all are per-mask, so their order does not matter.
+
+    Large masks (reference: area < 40000), empty masks and zero-size boxes (its get_crops), masks at
+    the image border (x == 0 or y == 0 or x + w > 253 or y + h > 253), thin and small masks (w <= 12
+    or h <= 12)."""
+    return (area_below(area, params.max_area) & box_has_extent(bbox_xywh)
+            & away_from_border(bbox_xywh, size, params.border_margin) & sides_above(bbox_xywh, params.min_side))  # fmt: skip
+
+
 def reference_ok(masks: np.ndarray, params: ProposalParams) -> np.ndarray:
-    """The reference filters (area, box extent, border, sides) as a keep column, to apply before any cap."""
+    """``reference_keep`` for bare masks, to apply before any cap."""
     found = Proposals.from_masks(masks, np.zeros(len(masks)), np.zeros(len(masks)))
-    size = masks.shape[-1]
-    return (area_below(found.area, params.max_area) & box_has_extent(found.bbox_xywh)
-            & away_from_border(found.bbox_xywh, size, params.border_margin)
-            & sides_above(found.bbox_xywh, params.min_side))  # fmt: skip
+    return reference_keep(found.area, found.bbox_xywh, masks.shape[-1], params)
 
 
 def apply_filters(found: Proposals, params: ProposalParams) -> Proposals:
-    """The reference's mask filters, in its order (all are per-mask, so the order does not matter)."""
-    size = found.masks.shape[-1]
-    # Drop large masks (reference: area < 40000)
-    found = found.filter(area_below(found.area, params.max_area))
-    # Drop empty masks and zero-size boxes (reference: get_crops)
-    found = found.filter(box_has_extent(found.bbox_xywh))
-    # Drop masks at the image border (reference: x == 0 or y == 0 or x + w > 253 or y + h > 253)
-    found = found.filter(away_from_border(found.bbox_xywh, size, params.border_margin))
-    # Drop thin and small masks (reference: w <= 12 or h <= 12)
-    return found.filter(sides_above(found.bbox_xywh, params.min_side))
+    """The proposals that pass the reference's mask filters (``reference_keep``)."""
+    return found.filter(reference_keep(found.area, found.bbox_xywh, found.masks.shape[-1], params))
