@@ -1,6 +1,7 @@
 """Proposal generators on phantom scans with exact masks: recall per structure kind, count, time.
 
     python bench/proposals_bench.py [--images N] [--size S] [--grid-images M] [--seed K] [--real DIR]
+                                    [--real-grid-images M] [--threads T] [--methods boxes,grid,...]
 
 Methods, all on the same textured phantom images (split "test", which has the most lesions and
 cysts), at the 256-px working size, and with ``--real DIR`` once more on ``--images`` evenly spaced
@@ -12,7 +13,8 @@ slices of the real-image benchmark that ``bench/real_scans.py`` builds (real MRI
 - ``candidates``: its model-free candidate regions alone, exactly the set it prompts (after box NMS).
 - ``box grid``: LiteMedSAM on a dense grid of boxes (32/64/128/224 px, stride half a box; 284
   prompts), kept at predicted IoU >= 0.5 and stability >= 0.5, as measured in ../shared/STACK.md.
-  It costs ~0.1 s per prompt, so it runs on the first ``--grid-images`` images only.
+  It costs ~0.1 s per prompt, so it runs on the first ``--grid-images`` phantom images only (real
+  slices: ``--real-grid-images``, default all, so that it is compared on the same slices).
 - ``points``: segment_anything's point-grid generator with the reference parameters, on the tiny
   original-SAM-architecture model (random weights: it shows the path and its cost, not quality), and
   once more with its quality thresholds off.
@@ -22,7 +24,8 @@ slices of the real-image benchmark that ``bench/real_scans.py`` builds (real MRI
 For each structure the best proposal's IoU is taken (and its Dice, 2 IoU / (1 + IoU)); the table
 gives the share of structures at IoU >= 0.5 / >= 0.75 and the mean best Dice per kind (phantom:
 body / organ / lesion, cysts counted as lesions / all = those three; spine and cue marker are
-reported as "other" and are not in "all"; real slices: the builder's kinds, all = every kind),
+reported as "other" and are not in "all"; real slices: the builder's kinds, all = every kind, one
+table per structure level: anatomy, then parcels; the methods run once per slice for both),
 proposals per image and wall seconds per image with ``torch.set_num_threads(--threads)``. The machine load is printed too: on a
 shared machine wall time grows with it, so the CPU seconds of this process are given alongside.
 """
@@ -41,7 +44,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from real_scans import load_slices  # noqa: E402
+from real_scans import LEVELS, load_slices  # noqa: E402
 
 from a3tune.data.phantom import PhantomConfig, draw, plan_split  # noqa: E402
 from a3tune.labels import box_proposals as bx  # noqa: E402
@@ -68,12 +71,16 @@ def phantom_images(n: int, size: int, seed: int) -> list[tuple[np.ndarray, list[
 
 
 def real_images(root: str, n: int) -> list[tuple[np.ndarray, list[tuple[str, np.ndarray]]]]:
-    """(image, [(kind, mask at 256 px)]) for n evenly spaced slices of a folder built by bench/real_scans.py."""
-    out = []
-    for _, image, truth in load_slices(root, n):
-        out.append((image, [(kind, cv2.resize(mask.astype(np.uint8), (256, 256), interpolation=cv2.INTER_NEAREST) > 0)
-                            for kind, _, mask in truth]))  # fmt: skip
-    return out
+    """(image, [("level/kind", mask at 256 px)]) for n evenly spaced slices of a folder built by
+    bench/real_scans.py, with the structures of both its levels."""
+    out = {}
+    for level in LEVELS:
+        for slice_id, image, truth in load_slices(root, n, level):
+            out.setdefault(slice_id, (image, []))[1].extend(
+                (f"{level}/{kind}", cv2.resize(mask.astype(np.uint8), (256, 256), interpolation=cv2.INTER_NEAREST) > 0)
+                for kind, _, mask in truth
+            )
+    return list(out.values())
 
 
 def best_iou(truth: list[tuple[str, np.ndarray]], masks: np.ndarray) -> list[tuple[str, float]]:
@@ -150,11 +157,14 @@ def run(name: str, images, propose) -> dict:
             "cpu": np.mean(cpu), "model": np.mean(model, axis=0) if model else None}  # fmt: skip
 
 
-def row(result: dict, columns: tuple[str, ...]) -> str:
-    """Per kind: share at best IoU >= 0.5 / >= 0.75, mean best Dice (structures); "all" leaves out "other"."""
+def row(result: dict, columns: tuple[str, ...], level: str | None = None) -> str:
+    """Per kind: share at best IoU >= 0.5 / >= 0.75, mean best Dice (structures); "all" leaves out "other".
+
+    ``level``: only the structures whose kind is ``"<level>/<kind>"`` (real slices)."""
+    scores = [(k.removeprefix(f"{level}/"), v) for k, v in result["scores"] if level is None or k.startswith(f"{level}/")]
     cells = []
     for column in columns:
-        ious = np.array([v for k, v in result["scores"] if k == column or (column == "all" and k != "other")])
+        ious = np.array([v for k, v in scores if k == column or (column == "all" and k != "other")])
         dice = np.mean(2 * ious / (1 + ious)) if len(ious) else 0.0
         cells.append(f"{np.mean(ious >= 0.5):.2f} / {np.mean(ious >= 0.75):.2f} / {dice:.2f} ({len(ious)})" if len(ious) else "-")
     return (f"| {result['name']} | {result['images']} | " + " | ".join(cells)
@@ -187,13 +197,13 @@ def run_methods(images, methods: set[str], grid_images: int, lite, params: Propo
     return results
 
 
-def print_table(results: list[dict], columns: tuple[str, ...]) -> None:
+def print_table(results: list[dict], columns: tuple[str, ...], level: str | None = None, timings: bool = True) -> None:
     print("| method | images | " + " | ".join(columns) + " | proposals / image | s / image (wall) | CPU s / image |")
     print("|---|---|" + "---|" * len(columns) + "---|---|---|")
     for result in results:
-        print(row(result, columns))
+        print(row(result, columns, level))
     print()
-    for result in results:
+    for result in results if timings else ():
         if result["model"] is not None:
             encoder, decoder, calls = result["model"]
             print(
@@ -210,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=128, help="phantom image side in px (default 128, the config's)")
     parser.add_argument("--seed", type=int, default=0, help="phantom seed (default 0; the defaults were tuned on 1)")
     parser.add_argument("--grid-images", type=int, default=2, help="images for the slow dense box grid (default 2)")
+    parser.add_argument("--real-grid-images", type=int, help="real slices for the dense box grid (default: all of them)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--methods", default="boxes,candidates,grid,oracle,points", help="comma-separated subset to run")
     parser.add_argument("--real", help="also run on --images slices of this folder, built by bench/real_scans.py")
@@ -225,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         lite = build_sam("litemedsam")
         generate_proposals(lite, images[0][0], params)  # warm-up: first-call allocations are not per-image cost
     results = run_methods(images, methods, args.grid_images, lite, params)
-    real_results = run_methods(real, methods, args.grid_images, lite, params) if real else []
+    real_grid = len(real) if args.real_grid_images is None else args.real_grid_images
+    real_results = run_methods(real, methods, real_grid, lite, params) if real else []
     load_after = os.getloadavg()
     print(
         f"\nTorch threads {args.threads} (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}), {os.cpu_count()} CPUs; "
@@ -237,10 +249,10 @@ def main(argv: list[str] | None = None) -> int:
         "cysts; other = spine and marker, not in all.\n"
     )
     print_table(results, COLUMNS)
-    if real:
-        kinds = tuple(sorted({kind for _, truth in real for kind, _ in truth})) + ("all",)
-        print(f"Real slices: {len(real)} of {args.real} (evenly spaced), at 256 px working size.\n")
-        print_table(real_results, kinds)
+    for level in LEVELS if real else ():
+        kinds = tuple(sorted({k.split("/", 1)[1] for _, truth in real for k, _ in truth if k.startswith(f"{level}/")}))
+        print(f"Real slices: {len(real)} of {args.real} (evenly spaced), at 256 px working size; level {level}.\n")
+        print_table(real_results, kinds + ("all",), level, timings=level == LEVELS[-1])
     return 0
 
 

@@ -16,6 +16,18 @@ Sources, read from where their packages install them (override with the flags):
   ``pip download --no-deps nilearn==0.14.1``); nilearn's fetchers are never used. Masks: probability
   >= 0.5 (grey_matter, white_matter) and grey + white >= 0.5 (brain).
 
+Two **levels** of structure, each a full set of masks for every slice (column ``level``):
+
+- ``anatomy``: the structures a question names. The AAL parcels are merged by the atlas's own
+  anatomical code (the third column of ``aal.nii.txt``; its thousands digit is the lobe) into lobes
+  per hemisphere (kind lobe: frontal, insula, limbic, occipital, parietal, temporal), the
+  cerebellum per hemisphere and the vermis (kind cerebellum), and the central nuclei stay one by
+  one (kind deep_nucleus: caudate, putamen, pallidum, thalamus); plus brain, grey and white matter.
+  At most 22 structures on a slice.
+- ``parcels``: every atlas region as labelled (the 116 AAL parcels), plus brain, grey and white
+  matter: up to 44 structures on a slice, more than the 25 proposals a generator may keep. Most
+  parcel boundaries are lines the atlas draws across uniform cortex, not edges in the image.
+
 Every volume is reoriented to RAS. A slice is shown in neurological convention: axial slices with
 anterior at the top, coronal slices with superior at the top, the patient's right on the image's
 right. Slices are taken at ``--axial`` / ``--coronal`` evenly spaced planes strictly inside the range
@@ -26,7 +38,8 @@ centred square. A labelled structure is written for a slice when it covers >= ``
 
 Output (built in a temporary sibling and renamed into place; same inputs give byte-identical files):
 ``images/<slice_id>.png`` (RGB), ``masks/<slice_id>.npz`` (one bool array per structure, image-sized),
-``index.parquet`` (slice_id, source, plane, index, structure, kind, area_px, components) and
+``index.parquet`` (slice_id, source, plane, index, level, structure, kind, area_px, components;
+a structure of both levels has a row for each, one mask) and
 ``provenance.json`` (sources' sha256, parameters, package versions).
 """
 
@@ -56,6 +69,9 @@ WINDOWS = {"colin27": (0.0, 160.0), "mni152": (0.0, 240.0)}  # about the 99th pe
 EXTENT_SHARE = 0.25
 SUBCORTICAL = ("Caudate", "Putamen", "Pallidum", "Thalamus", "Hippocampus", "Amygdala")
 PLANES = ("axial", "coronal")
+LEVELS = ("anatomy", "parcels")
+# AAL's anatomical code, thousands digit -> lobe (7: central nuclei, 9: cerebellum, 91xx: vermis)
+LOBES = {2: "Frontal", 3: "Insula", 4: "Limbic", 5: "Occipital", 6: "Parietal", 8: "Temporal"}
 ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 VERSIONS = ("a3tune", "nibabel", "numpy", "opencv-python-headless", "polars")
 
@@ -67,7 +83,7 @@ class Volume:
     source: str
     image: np.ndarray
     window: tuple[float, float]
-    layers: list[tuple[np.ndarray, dict[int, tuple[str, str]]]]  # labels, {value: (structure, kind)}
+    layers: list[tuple[np.ndarray, dict[int, tuple[str, str]], tuple[str, ...]]]  # labels, {value: (structure, kind)}, levels
     brain: np.ndarray  # bool, the slice range's extent
     inputs: dict[str, str]  # file -> sha256
 
@@ -111,17 +127,44 @@ def aal_kind(name: str) -> str:
     return "subcortical" if name.startswith(SUBCORTICAL) else "cortical_region"
 
 
+def aal_anatomy(name: str, code: int) -> tuple[str, str]:
+    """(structure, kind) at the anatomy level of the AAL parcel ``name`` with anatomical ``code``."""
+    side = name.rsplit("_", 1)[-1]
+    if code // 1000 == 7:
+        return name, "deep_nucleus"
+    if code // 100 == 91:
+        return "Vermis", "cerebellum"
+    if code // 1000 == 9:
+        return f"Cerebellum_{side}", "cerebellum"
+    if code // 1000 not in LOBES or side not in ("L", "R"):
+        raise ValueError(f"AAL parcel {name} has code {code}: no lobe for it (known thousands: {sorted(LOBES)}, 7, 9)")
+    return f"{LOBES[code // 1000]}_lobe_{side}", "lobe"
+
+
+def anatomy_layer(atlas: np.ndarray, parcels: dict[int, tuple[str, int]]) -> tuple[np.ndarray, dict[int, tuple[str, str]]]:
+    """The atlas relabelled to anatomy-level structures: ({value: (parcel name, code)}) -> (labels, table)."""
+    groups = {value: aal_anatomy(name, code) for value, (name, code) in parcels.items()}
+    numbers = {group: i + 1 for i, group in enumerate(sorted(set(groups.values())))}
+    lookup = np.zeros(max(int(atlas.max()), max(parcels)) + 1, dtype=np.int16)
+    for value, group in groups.items():
+        lookup[value] = numbers[group]
+    return lookup[atlas.astype(np.int64)], {number: group for group, number in numbers.items()}
+
+
 def colin27(root: Path) -> Volume:
     """Colin27 T1 (mricron-data) with the AAL atlas and its brain-extracted copy."""
     files = _files(root, ["ch2.nii.gz", "aal.nii.gz", "aal.nii.txt", "ch2bet.nii.gz"], "apt-get install mricron-data")
     arrays, inputs = _read_all("colin27", files)
-    table = {}
+    parcels = {}
     for line in files["aal.nii.txt"].decode().splitlines():
         if line.strip():
-            value, name = line.split()[:2]
-            table[int(value)] = (name, aal_kind(name))
+            value, name, code = line.split()[:3]
+            parcels[int(value)] = (name, int(code))
+    atlas = arrays["aal.nii.gz"]
     brain = arrays["ch2bet.nii.gz"] > 0
-    layers = [(brain.astype(np.uint8), {1: ("brain", "brain")}), (arrays["aal.nii.gz"], table)]
+    layers = [(brain.astype(np.uint8), {1: ("brain", "brain")}, LEVELS),
+              (atlas, {value: (name, aal_kind(name)) for value, (name, _) in parcels.items()}, ("parcels",)),
+              (*anatomy_layer(atlas, parcels), ("anatomy",))]  # fmt: skip
     return Volume("colin27", arrays["ch2.nii.gz"], WINDOWS["colin27"], layers, brain, inputs)
 
 
@@ -132,9 +175,9 @@ def mni152(location: Path) -> Volume:
     # The probability maps are stored as uint8 0-255 (scale 1), so 0.5 is 128.
     grey, white = (arrays[MNI_FILES[k]].astype(np.int32) for k in ("gm", "wm"))
     brain = grey + white >= 128
-    layers = [(brain.astype(np.uint8), {1: ("brain", "brain")}),
-              ((grey >= 128).astype(np.uint8), {1: ("grey_matter", "grey_matter")}),
-              ((white >= 128).astype(np.uint8), {1: ("white_matter", "white_matter")})]  # fmt: skip
+    layers = [(brain.astype(np.uint8), {1: ("brain", "brain")}, LEVELS),
+              ((grey >= 128).astype(np.uint8), {1: ("grey_matter", "grey_matter")}, LEVELS),
+              ((white >= 128).astype(np.uint8), {1: ("white_matter", "white_matter")}, LEVELS)]  # fmt: skip
     return Volume("mni152", arrays[MNI_FILES["t1"]], WINDOWS["mni152"], layers, brain, inputs)
 
 
@@ -186,15 +229,15 @@ def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return buffer.getvalue()
 
 
-def slice_structures(volume: Volume, plane: str, index: int, min_area: int) -> dict[str, tuple[str, np.ndarray]]:
-    """{structure: (kind, square bool mask)} for the labelled structures of one slice above min_area."""
-    found = {}
-    for labels, table in volume.layers:
+def slice_structures(volume: Volume, plane: str, index: int, min_area: int) -> list[tuple[str, str, str, np.ndarray]]:
+    """(level, structure, kind, square bool mask) for the labelled structures of one slice above min_area."""
+    found = []
+    for labels, table, levels in volume.layers:
         cut = pad_square(plane_slice(labels, plane, index))
         for value in np.unique(cut):
             if int(value) in table and np.count_nonzero(cut == value) >= min_area:
                 structure, kind = table[int(value)]
-                found[structure] = (kind, cut == value)
+                found.extend((level, structure, kind, cut == value) for level in levels)
     return found
 
 
@@ -213,11 +256,16 @@ def build(volumes: list[Volume], out: Path, axial: int, coronal: int, min_area: 
                     rgb = to_rgb(pad_square(plane_slice(volume.image, plane, index)), volume.window)
                     (tmp / "images" / f"{slice_id}.png").write_bytes(cv2.imencode(".png", rgb[..., ::-1])[1].tobytes())
                     found = slice_structures(volume, plane, index, min_area)
-                    (tmp / "masks" / f"{slice_id}.npz").write_bytes(npz_bytes({k: m for k, (_, m) in found.items()}))
-                    for structure, (kind, mask) in found.items():
+                    masks = {}
+                    for level, structure, kind, mask in found:
+                        if structure in masks and not np.array_equal(masks[structure], mask):
+                            raise ValueError(f"{slice_id}: two different masks named {structure}")
+                        masks[structure] = mask
                         components = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)[0] - 1
-                        rows.append((slice_id, volume.source, plane, index, structure, kind, int(mask.sum()), components))
-        columns = ["slice_id", "source", "plane", "index", "structure", "kind", "area_px", "components"]
+                        rows.append((slice_id, volume.source, plane, index, level, structure, kind, int(mask.sum()),
+                                     components))  # fmt: skip
+                    (tmp / "masks" / f"{slice_id}.npz").write_bytes(npz_bytes(masks))
+        columns = ["slice_id", "source", "plane", "index", "level", "structure", "kind", "area_px", "components"]
         index_df = pl.DataFrame(rows, schema=columns, orient="row")
         inputs = {k: v for volume in volumes for k, v in volume.inputs.items()}
         versions = {name: importlib.metadata.version(name) for name in VERSIONS}
@@ -227,9 +275,17 @@ def build(volumes: list[Volume], out: Path, axial: int, coronal: int, min_area: 
     return out
 
 
-def load_slices(root: Path, n: int | None = None) -> list[tuple[str, np.ndarray, list[tuple[str, str, np.ndarray]]]]:
-    """(slice_id, RGB image, [(kind, structure, mask)]) for n evenly spaced slices of a built folder (all if None)."""
+def load_slices(
+    root: Path, n: int | None = None, level: str = "anatomy"
+) -> list[tuple[str, np.ndarray, list[tuple[str, str, np.ndarray]]]]:
+    """(slice_id, RGB image, [(kind, structure, mask)]) at ``level`` (see the module docstring) for n
+    evenly spaced slices of a built folder (all if None)."""
+    if level not in LEVELS:
+        raise ValueError(f"unknown level {level!r}; known: {LEVELS}")
     index = pl.read_parquet(Path(root) / "index.parquet")
+    if "level" not in index.columns:
+        raise ValueError(f"{root} was built before structure levels existed: rebuild it with bench/real_scans.py")
+    index = index.filter(pl.col("level") == level)
     ids = sorted(index["slice_id"].unique().to_list())
     if n is not None and n < len(ids):
         ids = [ids[int(round(i))] for i in np.linspace(0, len(ids) - 1, n)]
@@ -260,9 +316,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"unknown sources {sorted(unknown)}; known: {sorted(loaders)}")
     build([loaders[name]() for name in names], args.out, args.axial, args.coronal, args.min_area)
     index = pl.read_parquet(args.out / "index.parquet")
-    print(f"{args.out}: {index['slice_id'].n_unique()} slices, {index.height} structures")
-    print(index.group_by("source", "kind").agg(pl.len().alias("structures"), pl.col("area_px").median().alias("median_px"))
-          .sort("source", "kind"))  # fmt: skip
+    per_level = ", ".join(f"{(index['level'] == level).sum()} at level {level}" for level in LEVELS)
+    print(f"{args.out}: {index['slice_id'].n_unique()} slices; structures: {per_level}")
+    print(index.group_by("level", "source", "kind").agg(pl.len().alias("structures"),
+                                                        pl.col("area_px").median().alias("median_px"))
+          .sort("level", "source", "kind"))  # fmt: skip
     return 0
 
 
