@@ -12,6 +12,7 @@ from segment_anything import SamPredictor
 from a3tune.labels import box_proposals as bx
 from a3tune.labels.box_params import BoxProposalParams
 from a3tune.labels.proposal_params import ProposalParams
+from a3tune.labels.proposal_types import Proposals
 from a3tune.labels.proposals import GENERATORS, generate_proposals, prepare_image
 from a3tune.labels.region_cues import box_iou, sparse_box_grid
 from a3tune.labels.sam_backends import build_sam
@@ -297,3 +298,16 @@ def test_large_region_slots_keep_the_largest_candidate_region(lite, scene):
     regions, _ = bx.prompt_candidates(bx.denoised_grey(image, 1.5), BoxProposalParams())
     assert len(found) == 1 and any((found.masks[0] == r).all() for r in regions.masks)
     assert len(generate_proposals(lite, image, _params(min_predicted_iou=0.999))) == 0
+
+
+def test_grid_slots_go_to_the_largest_grid_masks_first(lite, scene):
+    # Grid masks alone (no region or large-region slots): the slots fill largest first, so a smaller
+    # cap keeps a prefix of the larger cap's masks
+    working = prepare_image(scene[0], 256)
+
+    def grid_only(cap: int) -> Proposals:
+        return bx.generate_box_proposals(lite, working, _params(region_slots=0, grid_scales=2, max_proposals=cap))
+
+    every, first = grid_only(100), grid_only(3)
+    assert len(every) > 3 and (np.diff(every.area) <= 0).all()
+    assert np.array_equal(first.masks, every.masks[:3])

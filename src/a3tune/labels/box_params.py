@@ -111,8 +111,9 @@ class BoxProposalParams:
     )
     grid_min_stability: float = described_field(0.5, "keep grid masks with stability score at or above this")
     grid_mask_nms: float = described_field(
-        0.3, "mask IoU above which a grid mask copies a kept mask (real MRI, 25 slots: best Dice 0.342 at 0.3, "
-        "0.33 at 0.5 and 0.65): low, so that the few slots spread over the image"
+        0.3, "mask IoU above which a grid mask copies a kept mask; grid masks fill the slots largest first (real "
+        "MRI, 24 slices, anatomy level: mean best Dice 0.497 / 0.507 / 0.492 at 0.25 / 0.3 / 0.4; largest first "
+        "0.507, best predicted IoU first 0.461): low, so that the few slots tile the image"
     )
     region_slots: int = described_field(
         15, "most proposals from candidate regions, best predicted IoU first (phantoms keep 12.4 on average)"

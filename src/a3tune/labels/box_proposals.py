@@ -28,7 +28,7 @@ structure:
    ``generate_proposals``); use ``BOX_GENERATOR_DEFAULTS`` (``min_side`` 8) so that they keep small lesions.
 5. **Slots** (at most ``max_proposals``): the best ``region_slots`` refined masks, then the
    ``large_region_slots`` largest candidate regions themselves, then masks of a sparse box grid
-   over the foreground where no candidate lies (``a3tune.labels.region_cues``).
+   over the foreground where no candidate lies (``a3tune.labels.region_cues``), largest first.
 
 An image without candidate regions (a blank image) gets an empty ``Proposals`` without running the
 encoder.
@@ -392,7 +392,8 @@ def generate_box_proposals(sam: LoadedSam, image: np.ndarray, params: ProposalPa
         if len(g) and len(kept_masks):
             both = mask_iou_matrix(np.concatenate([kept_masks, g_masks[g]]))
             g = g[both[len(kept_masks) :, : len(kept_masks)].max(axis=1) <= bp.grid_mask_nms]
-        g = g[greedy_nms(mask_iou_matrix(g_masks[g]), g_iou[g], bp.grid_mask_nms)] if len(g) else g
+        # Largest first, so that the few slots tile the foreground before they go to its small pieces
+        g = g[greedy_nms(mask_iou_matrix(g_masks[g]), g_masks[g].sum(axis=(1, 2)), bp.grid_mask_nms)] if len(g) else g
         g = g[: bp.max_proposals - len(kept_masks)]
         out.append((g_masks[g], g_iou[g], g_stability[g]))
     return Proposals.from_masks(*(np.concatenate(column) for column in zip(*out)))
