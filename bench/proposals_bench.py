@@ -1,7 +1,7 @@
 """Proposal generators on phantom scans with exact masks: recall per structure kind, count, time.
 
     python bench/proposals_bench.py [--images N] [--size S] [--grid-images M] [--seed K] [--real DIR]
-                                    [--real-grid-images M] [--threads T] [--methods boxes,grid,...]
+                                    [--real-grid-images M] [--threads T] [--methods boxes,grid,...] [--boxes JSON]
 
 Methods, all on the same textured phantom images (split "test", which has the most lesions and
 cysts), at the 256-px working size, and with ``--real DIR`` once more on ``--images`` evenly spaced
@@ -9,7 +9,7 @@ slices of the real-image benchmark that ``bench/real_scans.py`` builds (real MRI
 
 - ``boxes``: the box-prompt generator (``a3tune.labels.box_proposals``) with LiteMedSAM's real
   weights, through ``generate_proposals`` with ``BOX_GENERATOR_DEFAULTS`` (reference filters with
-  ``min_side`` 6).
+  ``min_side`` 8) and the box parameters given with ``--boxes`` (e.g. ``'{"grid_side": 32}'``).
 - ``candidates``: its model-free candidate regions alone, exactly the set it prompts (after box NMS).
 - ``box grid``: LiteMedSAM on a dense grid of boxes (32/64/128/224 px, stride half a box; 284
   prompts), kept at predicted IoU >= 0.5 and stability >= 0.5, as measured in ../shared/STACK.md.
@@ -38,6 +38,7 @@ shared machine wall time grows with it, so the CPU seconds of this process are g
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -198,7 +199,7 @@ def row(result: dict, columns: tuple[str, ...], level: str | None = None) -> str
     for column in columns:
         ious = np.array([v for k, v in scores if k == column or (column == "all" and k != "other")])
         dice = np.mean(2 * ious / (1 + ious)) if len(ious) else 0.0
-        cells.append(f"{np.mean(ious >= 0.5):.2f} / {np.mean(ious >= 0.75):.2f} / {dice:.2f} ({len(ious)})" if len(ious) else "-")
+        cells.append(f"{np.mean(ious >= 0.5):.2f} / {np.mean(ious >= 0.75):.2f} / {dice:.3f} ({len(ious)})" if len(ious) else "-")
     return (f"| {result['name']} | {result['images']} | " + " | ".join(cells)
             + f" | {result['count']:.1f} | {result['wall']:.2f} | {result['cpu']:.2f} |")  # fmt: skip
 
@@ -263,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=128, help="phantom image side in px (default 128, the config's)")
     parser.add_argument("--seed", type=int, default=0, help="phantom seed (default 0; the defaults were tuned on 1)")
     parser.add_argument("--grid-images", type=int, default=2, help="images for the slow dense box grid (default 2)")
+    parser.add_argument("--boxes", default="{}", help="box-generator parameters to change, as JSON (default: none)")
     parser.add_argument("--real-grid-images", type=int, help="real slices for the dense box grid (default: all of them)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--methods", default="boxes,candidates,grid,grid25,oracle,points", help="comma-separated subset to run")
@@ -273,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     images = phantom_images(args.images, args.size, args.seed)
     real = real_images(args.real, args.images) if args.real else []
-    params = ProposalParams.from_dict(bx.BOX_GENERATOR_DEFAULTS)
+    params = ProposalParams.from_dict({**bx.BOX_GENERATOR_DEFAULTS, "boxes": json.loads(args.boxes)})
     lite = None
     if methods & {"boxes", "grid", "grid25", "oracle"}:
         lite = build_sam("litemedsam")
