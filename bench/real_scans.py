@@ -142,7 +142,8 @@ def aal_anatomy(name: str, code: int) -> tuple[str, str]:
 
 
 def anatomy_layer(atlas: np.ndarray, parcels: dict[int, tuple[str, int]]) -> tuple[np.ndarray, dict[int, tuple[str, str]]]:
-    """The atlas relabelled to anatomy-level structures: ({value: (parcel name, code)}) -> (labels, table)."""
+    """The atlas relabelled to anatomy-level structures, and their table {label: (structure, kind)};
+    ``parcels`` maps each atlas value to its (parcel name, AAL code)."""
     groups = {value: aal_anatomy(name, code) for value, (name, code) in parcels.items()}
     numbers = {group: i + 1 for i, group in enumerate(sorted(set(groups.values())))}
     lookup = np.zeros(max(int(atlas.max()), max(parcels)) + 1, dtype=np.int16)
