@@ -43,6 +43,7 @@ from a3tune.data.records import DataFormatError, RawDataset, RawSample, text_fie
 from a3tune.io.atomic import atomic_dir
 from a3tune.io.contracts import SPLITS
 from a3tune.io.provenance import Provenance
+from a3tune.params_fields import is_int, is_number, known_fields
 
 log = logging.getLogger(__name__)
 
@@ -139,10 +140,7 @@ class PhantomConfig:
     @classmethod
     def from_dict(cls, params: dict[str, Any]) -> PhantomConfig:
         """Build from plain JSON values; unknown keys and wrongly typed values raise ``ValueError``."""
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(params) - set(fields))
-        if unknown:
-            raise ValueError(f"phantom config: unknown parameter(s) {unknown}; known: {sorted(fields)}")
+        fields = known_fields(cls, params, "phantom config: unknown parameter(s)")
         return cls(**{k: _coerce(k, fields[k], v) for k, v in params.items()})
 
     def to_dict(self) -> dict[str, Any]:
@@ -157,12 +155,6 @@ class PhantomConfig:
 def _coerce(name: str, field: dataclasses.Field, value: Any) -> Any:
     kind = field.metadata["kind"]
 
-    def is_int(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    def is_num(v: Any) -> bool:
-        return is_int(v) or isinstance(v, float)
-
     def fail(expected: str) -> ValueError:
         return ValueError(f"phantom config: {name} must be {expected}, got {value!r}")
 
@@ -171,7 +163,7 @@ def _coerce(name: str, field: dataclasses.Field, value: Any) -> Any:
             raise fail("an integer")
         return value
     if kind in ("float", "rate"):
-        if not is_num(value):
+        if not is_number(value):
             raise fail("a number")
         return float(value)
     if kind in ("split_int", "split_rate"):
@@ -180,7 +172,7 @@ def _coerce(name: str, field: dataclasses.Field, value: Any) -> Any:
         unknown = sorted(set(value) - set(SPLITS))
         if unknown:
             raise ValueError(f"phantom config: {name} has unknown split(s) {unknown}; splits are {list(SPLITS)}")
-        check = is_int if kind == "split_int" else is_num
+        check = is_int if kind == "split_int" else is_number
         if not all(check(v) for v in value.values()):
             raise fail("a mapping of split to " + ("integer" if kind == "split_int" else "number"))
         merged = field.default_factory()

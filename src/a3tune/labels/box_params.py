@@ -12,10 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-
-def described_field(default: Any, help: str) -> Any:
-    """A dataclass field whose ``help`` metadata documents it (schema text, error messages)."""
-    return dataclasses.field(default=default, metadata={"help": help})
+from a3tune.params_fields import described_field, json_scalar, known_fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,19 +155,12 @@ class BoxProposalParams:
         """Build from plain JSON values; unknown keys and wrongly typed values raise ``ValueError``."""
         if not isinstance(params, dict):
             raise ValueError(f"proposal params: boxes must be a mapping of box-generator parameters, got {params!r}")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(params) - set(fields))
-        if unknown:
-            raise ValueError(f"proposal params: unknown boxes parameter(s) {unknown}; known: {sorted(fields)}")
+        fields = known_fields(cls, params, "proposal params: unknown boxes parameter(s)")
         return cls(**{k: _coerce(k, fields[k].type, v) for k, v in params.items()})
 
 
 def _coerce(name: str, kind: str, value: Any) -> Any:
-    is_int = isinstance(value, int) and not isinstance(value, bool)
-    if kind == "int" and is_int:
-        return value
-    if kind == "float" and (is_int or isinstance(value, float)):
-        return float(value)
-    if kind == "bool" and isinstance(value, bool):
-        return value
-    raise ValueError(f"proposal params: boxes.{name} must be of type {kind}, got {value!r}")
+    try:
+        return json_scalar(kind, value)
+    except TypeError:
+        raise ValueError(f"proposal params: boxes.{name} must be of type {kind}, got {value!r}") from None

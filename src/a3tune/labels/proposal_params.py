@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from a3tune.labels.box_params import BoxProposalParams, described_field
+from a3tune.labels.box_params import BoxProposalParams
+from a3tune.params_fields import described_field, is_int, json_scalar, known_fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +82,7 @@ class ProposalParams:
             (
                 isinstance(self.border_margin, tuple)
                 and len(self.border_margin) == 2
-                and all(_is_int(m) for m in self.border_margin),
+                and all(is_int(m) for m in self.border_margin),
                 f"border_margin must be an int or a pair of ints, got {margin!r}",
             ),
         ]
@@ -92,10 +93,7 @@ class ProposalParams:
     @classmethod
     def from_dict(cls, params: dict[str, Any]) -> ProposalParams:
         """Build from plain JSON values; unknown keys and wrongly typed values raise ``ValueError``."""
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(params) - set(fields))
-        if unknown:
-            raise ValueError(f"proposal params: unknown parameter(s) {unknown}; known: {sorted(fields)}")
+        fields = known_fields(cls, params, "proposal params: unknown parameter(s)")
         return cls(**{k: _coerce(k, fields[k].type, v) for k, v in params.items()})
 
     def to_dict(self) -> dict[str, Any]:
@@ -103,20 +101,13 @@ class ProposalParams:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _coerce(name: str, kind: str, value: Any) -> Any:
     """Check a JSON value against the field's annotation (a string: ``from __future__ import annotations``)."""
-    if kind == "int" and _is_int(value):
-        return value
-    if kind == "float" and (_is_int(value) or isinstance(value, float)):
-        return float(value)
-    if kind in ("str", "bool") and type(value).__name__ == kind:
-        return value
-    if kind == "tuple[int, int]" and (_is_int(value) or isinstance(value, (list, tuple))):
-        return value if _is_int(value) else tuple(value)  # checked in __post_init__
+    if kind == "tuple[int, int]" and (is_int(value) or isinstance(value, (list, tuple))):
+        return value if is_int(value) else tuple(value)  # checked in __post_init__
     if kind == "BoxProposalParams":
         return value if isinstance(value, BoxProposalParams) else BoxProposalParams.from_dict(value)
-    raise ValueError(f"proposal params: {name} must be of type {kind}, got {value!r}")
+    try:
+        return json_scalar(kind, value)
+    except TypeError:
+        raise ValueError(f"proposal params: {name} must be of type {kind}, got {value!r}") from None
