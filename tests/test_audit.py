@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from a3tune.io import Provenance, write_parquet, write_store
-from a3tune.labels.audit import label_metrics, label_report, write_overlays
+from a3tune.labels.audit import label_metrics, label_report
+from a3tune.labels.audit_overlays import write_overlays
 from a3tune.labels.grid import GridSpec, project_masks
 
 S, K = 16, 3

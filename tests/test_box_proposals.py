@@ -9,6 +9,7 @@ import pytest
 import torch
 from segment_anything import SamPredictor
 
+from a3tune.labels import box_decoder, mask_ops
 from a3tune.labels import box_proposals as bx
 from a3tune.labels.box_params import BoxProposalParams
 from a3tune.labels.proposal_params import ProposalParams
@@ -129,22 +130,22 @@ def test_fill_holes_equals_scipy_on_shapes_with_holes_and_diagonal_gaps():
     shapes = [ring, diagonal, np.ones((3, 4), bool), np.zeros((2, 2), bool)]
     shapes += [rng.random((int(h), int(w))) < 0.6 for h, w in rng.integers(1, 30, size=(200, 2))]
     for shape in shapes:
-        assert (bx.fill_holes(shape) == ndimage.binary_fill_holes(shape)).all()
+        assert (mask_ops.fill_holes(shape) == ndimage.binary_fill_holes(shape)).all()
 
 
 def test_tight_boxes_box_iou_and_greedy_nms():
     masks = np.zeros((2, 8, 8), bool)
     masks[0, 1:3, 2:6] = True
     masks[1, 7, 0] = True
-    assert bx.tight_boxes(masks).tolist() == [[2, 1, 6, 3], [0, 7, 1, 8]]
+    assert mask_ops.tight_boxes(masks).tolist() == [[2, 1, 6, 3], [0, 7, 1, 8]]
     boxes = np.array([[0, 0, 10, 10], [0, 0, 10, 11], [20, 20, 30, 30]], np.float32)
     iou = bx.box_iou(boxes, boxes)
     assert np.allclose(np.diag(iou), 1) and iou[0, 1] == pytest.approx(100 / 110) and iou[0, 2] == 0
     # Best score first; the second box overlaps the first above 0.85 and goes
-    assert bx.greedy_nms(iou, np.array([0.9, 0.8, 0.1]), 0.85).tolist() == [0, 2]
-    assert bx.greedy_nms(iou, np.array([0.5, 0.8, 0.1]), 0.85).tolist() == [1, 2]
-    assert bx.greedy_nms(iou, np.array([0.5, 0.8, 0.1]), 0.95).tolist() == [1, 0, 2]
-    assert bx.greedy_nms(np.zeros((0, 0)), np.zeros(0), 0.5).tolist() == []
+    assert mask_ops.greedy_nms(iou, np.array([0.9, 0.8, 0.1]), 0.85).tolist() == [0, 2]
+    assert mask_ops.greedy_nms(iou, np.array([0.5, 0.8, 0.1]), 0.85).tolist() == [1, 2]
+    assert mask_ops.greedy_nms(iou, np.array([0.5, 0.8, 0.1]), 0.95).tolist() == [1, 0, 2]
+    assert mask_ops.greedy_nms(np.zeros((0, 0)), np.zeros(0), 0.5).tolist() == []
 
 
 def test_mask_ious():
@@ -153,8 +154,8 @@ def test_mask_ious():
     a[1, :, :2] = True
     b = a.copy()
     b[1] = False
-    assert bx.paired_mask_iou(a, b).tolist() == [1.0, 0.0, 0.0]  # two empty masks: 0
-    matrix = bx.mask_iou_matrix(a)
+    assert mask_ops.paired_mask_iou(a, b).tolist() == [1.0, 0.0, 0.0]  # two empty masks: 0
+    matrix = mask_ops.mask_iou_matrix(a)
     assert matrix[0, 1] == pytest.approx(4 / 12) and matrix[0, 0] == 1 and matrix[2, 2] == 0
 
 
@@ -166,30 +167,30 @@ def test_boundary_contrast_separates_structures_from_blobs():
     blob = np.zeros((SIZE, SIZE), bool)
     blob[160:200, 150:200] = True  # a box cut out of flat tissue
     off_by_one = _ellipse(100, 100, 21, 21)  # the disc, one pixel too wide
-    contrast = bx.boundary_contrast(grey, np.stack([disc, blob, off_by_one, np.zeros_like(disc)]), width=3, gap=2)
+    contrast = mask_ops.boundary_contrast(grey, np.stack([disc, blob, off_by_one, np.zeros_like(disc)]), width=3, gap=2)
     assert contrast[0] > 5 and contrast[2] > 5  # the gap skips the edge itself
     assert contrast[1] < 0.5 and contrast[3] == 0
     # Against the image border: outside the image counts as outside, the ring there is just empty
     corner = np.zeros((SIZE, SIZE), bool)
     corner[:30, :30] = True
-    assert bx.boundary_contrast(grey, corner[None], width=3, gap=2)[0] < 0.5
+    assert mask_ops.boundary_contrast(grey, corner[None], width=3, gap=2)[0] < 0.5
 
 
 def test_jittered_boxes_shrink_and_grow_within_the_image():
-    small, large = bx.jittered_boxes(np.array([[10, 20, 110, 70], [0, 0, 256, 256]], np.float32), 0.1, SIZE)
+    small, large = box_decoder.jittered_boxes(np.array([[10, 20, 110, 70], [0, 0, 256, 256]], np.float32), 0.1, SIZE)
     assert small[0].tolist() == [20, 25, 100, 65] and large[0].tolist() == [0, 15, 120, 75]
     assert large[1].tolist() == [0, 0, 256, 256]
 
 
 def test_decoder_windows_hold_their_boxes():
     boxes = np.array([[10, 10, 14, 13], [30, 2, 40, 20], [0, 0, 60, 60], [60, 60, 63, 64]], np.float32)
-    windows = bx.decoder_windows(boxes, 64, 0.5)
+    windows = box_decoder.decoder_windows(boxes, 64, 0.5)
     for (x0, y0, x1, y1), (side, r0, c0) in zip(boxes, windows):
-        assert side in bx.WINDOW_SIDES and 0 <= r0 <= 64 - side and 0 <= c0 <= 64 - side
+        assert side in box_decoder.WINDOW_SIDES and 0 <= r0 <= 64 - side and 0 <= c0 <= 64 - side
         assert r0 <= y0 and y1 <= r0 + side and c0 <= x0 and x1 <= c0 + side
     assert windows[0, 0] == 16 and windows[2].tolist() == [64, 0, 0]
-    assert (bx.decoder_windows(boxes, 64, 0.0) == [64, 0, 0]).all()  # whole embedding
-    assert (bx.decoder_windows(boxes[:1] / 4, 16, 0.5)[:, 0] <= 16).all()  # a 16-token embedding (tiny SAM)
+    assert (box_decoder.decoder_windows(boxes, 64, 0.0) == [64, 0, 0]).all()  # whole embedding
+    assert (box_decoder.decoder_windows(boxes[:1] / 4, 16, 0.5)[:, 0] <= 16).all()  # a 16-token embedding (tiny SAM)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -200,9 +201,9 @@ def test_windowed_decoder_agrees_with_the_full_one(lite, scene):
     image, masks = scene
     predictor = SamPredictor(lite.model)
     predictor.set_image(image)
-    boxes = bx.tight_boxes(np.stack(list(masks.values())))
-    windowed, iou_w = bx.decode_boxes(lite, predictor, boxes, window=0.5, batch=2)
-    full, iou_f = bx.decode_boxes(lite, predictor, boxes, window=0.0, batch=8)
+    boxes = mask_ops.tight_boxes(np.stack(list(masks.values())))
+    windowed, iou_w = box_decoder.decode_boxes(lite, predictor, boxes, window=0.5, batch=2)
+    full, iou_f = box_decoder.decode_boxes(lite, predictor, boxes, window=0.0, batch=8)
     assert windowed.shape == (4, SIZE, SIZE) and iou_w.shape == (4,)
     for w, f in zip(windowed > 0, full > 0):
         assert _iou(w, f) > 0.95

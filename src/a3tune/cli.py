@@ -78,7 +78,7 @@ def _cmd_refine(args: argparse.Namespace) -> None:
 
 
 def _cmd_overlays(args: argparse.Namespace) -> None:
-    from a3tune.labels.audit import write_overlays
+    from a3tune.labels.audit_overlays import write_overlays
 
     written = write_overlays(args.labels, args.out, n=args.n, seed=args.seed)
     log.info("overlays: %d PNGs in %s", len(written), args.out)

@@ -17,7 +17,7 @@ structure:
    enlarged by ``decoder_window`` of its longer side on each side), which cuts the decoder's cost
    5-20x for organ- and lesion-sized boxes with masks that agree with the full decoder at IoU
    0.98-1.0 (measured on phantoms). Windows are taken from a fixed tiling, so prompts that share a
-   window are decoded in one batch.
+   window are decoded in one batch (``a3tune.labels.box_decoder``).
 4. **Filters**, pure functions of columns: predicted IoU and SAM's stability score; agreement
    between candidate region and refined mask; then the kept mask is the refined one unless the
    candidate region's boundary is ``prefer_region_contrast`` times sharper (LiteMedSAM outlines the
@@ -28,7 +28,8 @@ structure:
    ``generate_proposals``); use ``BOX_GENERATOR_DEFAULTS`` (``min_side`` 8) so that they keep small lesions.
 5. **Slots** (at most ``max_proposals``): the best ``region_slots`` refined masks, then the
    ``large_region_slots`` largest candidate regions themselves, then masks of a sparse box grid
-   over the foreground where no candidate lies (``a3tune.labels.region_cues``), largest first.
+   over the foreground where no candidate lies (``a3tune.labels.region_cues``), largest first
+   (``a3tune.labels.box_slots``).
 
 An image without candidate regions (a blank image) gets an empty ``Proposals`` without running the
 encoder.
@@ -40,10 +41,12 @@ import dataclasses
 
 import cv2
 import numpy as np
-import torch
 
 from a3tune.compat import ensure_torchvision
+from a3tune.labels.box_decoder import decode_boxes, jittered_boxes
 from a3tune.labels.box_params import BoxProposalParams
+from a3tune.labels.box_slots import grid_slots, large_region_slots, region_slots
+from a3tune.labels.mask_ops import boundary_contrast, fill_holes, greedy_nms, paired_mask_iou
 from a3tune.labels.proposal_filters import reference_ok
 from a3tune.labels.proposal_params import ProposalParams
 from a3tune.labels.proposal_types import Proposals
@@ -60,12 +63,6 @@ from segment_anything.utils.amg import calculate_stability_score  # noqa: E402
 # 12% of the phantom lesions (radius 4-8 px at 128 px: 12-32 px wide at 256) and the cue marker; 8
 # (masks from 10 px wide) and 6 kept them all.
 BOX_GENERATOR_DEFAULTS = {"generator": "boxes", "min_side": 8}
-
-# Window sides (in embedding tokens) for the mask decoder, smallest first; a window of side s is
-# placed on a grid of stride s / 4, so any needed extent up to 3/4 s fits one.
-WINDOW_SIDES = (8, 16, 32, 64)
-# Logit given to pixels outside a prompt's decoder window (certainly background)
-OUTSIDE_LOGIT = -1e4
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -115,191 +112,6 @@ def candidate_regions(
         masks[i, y0 : y0 + crop.shape[0], x0 : x0 + crop.shape[1]] = fill_holes(crop)
         boxes[i] = (x0, y0, x0 + crop.shape[1], y0 + crop.shape[0])
     return Candidates(masks, boxes)
-
-
-def fill_holes(mask: np.ndarray) -> np.ndarray:
-    """``mask`` with every background pixel not 4-connected to the edge set, as
-    ``scipy.ndimage.binary_fill_holes`` does; a flood fill from a one-pixel frame, ~10x faster."""
-    framed = np.zeros((mask.shape[0] + 2, mask.shape[1] + 2), dtype=np.uint8)
-    framed[1:-1, 1:-1] = mask
-    cv2.floodFill(framed, None, (0, 0), 2, flags=4)
-    return framed[1:-1, 1:-1] != 2
-
-
-def tight_boxes(masks: np.ndarray) -> np.ndarray:
-    """``[x0, y0, x1, y1]`` boxes (exclusive ends) of non-empty (n, H, W) masks, as float32."""
-    cols, rows = masks.any(axis=1), masks.any(axis=2)
-    x0, y0 = cols.argmax(axis=1), rows.argmax(axis=1)
-    x1 = masks.shape[2] - cols[:, ::-1].argmax(axis=1)
-    y1 = masks.shape[1] - rows[:, ::-1].argmax(axis=1)
-    return np.stack([x0, y0, x1, y1], axis=1).astype(np.float32).reshape(-1, 4)
-
-
-def greedy_nms(overlap: np.ndarray, scores: np.ndarray, thresh: float) -> np.ndarray:
-    """Indices kept by greedy NMS: best score first, dropping rows overlapping a kept one above ``thresh``.
-
-    ``overlap`` is any (n, n) similarity (box or mask IoU); ties keep the earlier row.
-    """
-    order = np.argsort(-np.asarray(scores), kind="stable")
-    kept: list[int] = []
-    for i in order:
-        if not kept or overlap[i, kept].max() <= thresh:
-            kept.append(int(i))
-    return np.array(kept, dtype=np.int64)
-
-
-# ------------------------------------------------------------------------------------------------
-# Filters: pure functions of columns
-
-
-def paired_mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of ``a[i]`` with ``b[i]`` for two (n, H, W) mask stacks; two empty masks give 0."""
-    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
-    inter = (a & b).sum(axis=1)
-    union = (a | b).sum(axis=1)
-    return inter / np.maximum(union, 1)
-
-
-def mask_iou_matrix(masks: np.ndarray) -> np.ndarray:
-    """IoU of every pair of (n, H, W) masks: (n, n)."""
-    flat = masks.reshape(len(masks), -1).astype(np.float32)
-    inter = flat @ flat.T
-    area = flat.sum(axis=1)
-    return inter / np.maximum(area[:, None] + area[None, :] - inter, 1.0)
-
-
-def boundary_contrast(
-    grey: np.ndarray, masks: np.ndarray, width: int, gap: int, boxes: np.ndarray | None = None
-) -> np.ndarray:
-    """Contrast across each mask's boundary, in units of the noise next to it.
-
-    ``|mean(inner) - mean(outer)| / sqrt((var(inner) + var(outer)) / 2 + 1)``, where inner and
-    outer are rings ``width`` px wide, ``gap`` px inside and outside the mask's boundary (the gap
-    skips the blurred edge itself, so a boundary one or two pixels off still measures the step).
-    A real structure has a step at its boundary; a box-shaped blob cut out of flat tissue has
-    none (~0). An empty mask, or one without enough ring pixels, gives 0. ``boxes``: the masks'
-    tight boxes when the caller has them (saves a scan of every mask).
-    """
-    grey = grey.astype(np.float32)
-    reach = gap + width
-
-    def disc(radius: int) -> np.ndarray:
-        return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
-
-    out = np.zeros(len(masks), dtype=np.float32)
-    size = grey.shape
-    boxes = (tight_boxes(masks) if boxes is None else boxes).astype(np.int64)
-    for i, (mask, (bx0, by0, bx1, by1)) in enumerate(zip(masks, boxes)):
-        if not mask[by0:by1, bx0:bx1].any():
-            continue
-        # Work inside the mask's box grown by the rings' reach; outside the image is outside the mask
-        y0, y1 = max(by0 - reach - 1, 0), min(by1 + reach + 1, size[0])
-        x0, x1 = max(bx0 - reach - 1, 0), min(bx1 + reach + 1, size[1])
-        crop = mask[y0:y1, x0:x1].astype(np.uint8)
-
-        def erode(radius: int) -> np.ndarray:
-            if radius == 0:
-                return crop.astype(bool)
-            return cv2.erode(crop, disc(radius), borderType=cv2.BORDER_CONSTANT, borderValue=0).astype(bool)
-
-        def dilate(radius: int) -> np.ndarray:
-            if radius == 0:
-                return crop.astype(bool)
-            return cv2.dilate(crop, disc(radius), borderType=cv2.BORDER_CONSTANT, borderValue=0).astype(bool)
-
-        values = grey[y0:y1, x0:x1]
-        a, b = values[erode(gap) & ~erode(reach)], values[dilate(reach) & ~dilate(gap)]
-        if len(a) < 2 or len(b) < 2:
-            continue
-        out[i] = abs(a.mean() - b.mean()) / np.sqrt((a.var() + b.var()) / 2 + 1.0)
-    return out
-
-
-def jittered_boxes(boxes: np.ndarray, fraction: float, size: int) -> list[np.ndarray]:
-    """Each xyxy box shrunk and grown by ``fraction`` of its sides on every side, clipped to the image."""
-    wh = np.concatenate([boxes[:, 2:] - boxes[:, :2]] * 2, axis=1)
-    grow = np.array([-1, -1, 1, 1], dtype=np.float32) * fraction
-    return [np.clip(boxes + sign * grow * wh, 0, size) for sign in (-1.0, 1.0)]
-
-
-# ------------------------------------------------------------------------------------------------
-# The model: one encoder pass, windowed box decoding
-
-
-def decoder_windows(token_boxes: np.ndarray, grid: int, margin: float) -> np.ndarray:
-    """For each box in embedding-token coordinates, a window ``(side, row0, col0)`` of the embedding.
-
-    The window holds the box enlarged by ``margin`` of its longer side (plus one token) on each
-    side; its side is the smallest of ``WINDOW_SIDES`` (capped at ``grid``) whose grid of offsets
-    (stride side / 4) has a window holding that extent. ``margin <= 0`` gives the whole embedding.
-    """
-    out = np.zeros((len(token_boxes), 3), dtype=np.int64)
-    sides = sorted({min(s, grid) for s in WINDOW_SIDES} | {grid})
-    for i, (x0, y0, x1, y1) in enumerate(token_boxes):
-        if margin <= 0:
-            out[i] = (grid, 0, 0)
-            continue
-        pad = margin * max(x1 - x0, y1 - y0) + 1.0
-        lo = np.floor(np.array([y0, x0]) - pad).clip(0, grid)
-        hi = np.ceil(np.array([y1, x1]) + pad).clip(0, grid)
-        for side in sides:
-            stride = max(side // 4, 1)
-            start = np.minimum(lo // stride * stride, grid - side)
-            if (hi <= start + side).all():
-                out[i] = (side, *start.astype(np.int64))
-                break
-    return out
-
-
-@torch.no_grad()
-def decode_boxes(
-    sam: LoadedSam, predictor: SamPredictor, boxes: np.ndarray, *, window: float, batch: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Single-mask logits (n, S, S) at the working size and predicted IoU (n,) for xyxy boxes.
-
-    ``predictor`` holds the image embedding (``set_image`` was called). Prompts sharing a decoder
-    window go through the mask decoder together, ``batch`` at a time.
-    """
-    model = sam.model
-    size = predictor.original_size
-    n = len(boxes)
-    logits = torch.full((n, 1, *size), OUTSIDE_LOGIT)
-    iou = torch.zeros(n)
-    if n == 0:
-        return logits[:, 0], iou
-    # Prompt boxes in SAM's convention (last column and row, not exclusive ends), at the model's input size
-    corners = boxes.astype(np.float64) - np.array([0, 0, 1, 1])
-    model_boxes = predictor.transform.apply_boxes(corners, size)
-    features = predictor.features
-    grid = features.shape[-1]
-    tokens_per_px = grid / model.image_encoder.img_size
-    windows = decoder_windows(model_boxes * tokens_per_px, grid, window)
-    dense_pe = model.prompt_encoder.get_dense_pe()
-    sparse, dense = model.prompt_encoder(points=None, boxes=torch.as_tensor(model_boxes, dtype=torch.float32,
-                                         device=features.device), masks=None)  # fmt: skip
-    low_res = 4 * grid  # the decoder upscales the embedding 4x
-    for key in np.unique(windows, axis=0):
-        side, r0, c0 = (int(v) for v in key)
-        rows = np.flatnonzero((windows == key).all(axis=1))
-        crop = np.s_[:, :, r0 : r0 + side, c0 : c0 + side]
-        # Crop before indexing: box prompts' dense embeddings are one vector expanded over the
-        # whole embedding, and indexing first would copy that full (n, C, 64, 64) block
-        dense_window = dense[crop]
-        for start in range(0, len(rows), batch):
-            part = rows[start : start + batch]
-            masks, scores = model.mask_decoder(
-                image_embeddings=features[crop],
-                image_pe=dense_pe[crop],
-                sparse_prompt_embeddings=sparse[part],
-                dense_prompt_embeddings=dense_window[part],
-                multimask_output=False,
-            )
-            # Paste the window into a full low-resolution canvas, then resize as SAM does
-            canvas = torch.full((len(part), 1, low_res, low_res), OUTSIDE_LOGIT, device=masks.device)
-            canvas[:, :, 4 * r0 : 4 * (r0 + side), 4 * c0 : 4 * (c0 + side)] = masks
-            logits[part] = model.postprocess_masks(canvas, predictor.input_size, size).cpu()
-            iou[part] = scores[:, 0].cpu()
-    return logits[:, 0], iou
 
 
 # ------------------------------------------------------------------------------------------------
@@ -364,36 +176,15 @@ def generate_box_proposals(sam: LoadedSam, image: np.ndarray, params: ProposalPa
             other, _ = decode_boxes(sam, predictor, variant, window=bp.decoder_window, batch=params.points_per_batch)
             stable &= paired_mask_iou(refined[rows], (other > threshold).numpy()) >= bp.min_jitter_stability
         rows = rows[stable | use_region[rows]]  # a kept region does not depend on the model's mask
-    # Mask NMS: of masks overlapping above mask_nms, keep the one with the higher predicted IoU; the
-    # region cue's best region_slots first
-    kept = rows[greedy_nms(mask_iou_matrix(masks[rows]), predicted_iou[rows], bp.mask_nms)] if len(rows) else rows
-    kept = kept[: min(bp.region_slots, bp.max_proposals)]
-    out = [(masks[kept], predicted_iou[kept], stability[kept])]
-    # The largest candidate regions themselves (tissue classes whose refined masks are poor), no copies
-    big = np.flatnonzero(reference_ok(found.masks, params) & (contrast >= bp.min_contrast))
-    big = big[np.argsort(-found.masks[big].sum(axis=(1, 2)), kind="stable")]
-    kept_masks = masks[kept]
-    for i in big[: 4 * bp.large_region_slots]:
-        if len(kept_masks) >= min(len(kept) + bp.large_region_slots, bp.max_proposals):
-            break
-        overlap = mask_iou_matrix(np.concatenate([kept_masks, found.masks[i : i + 1]]))[-1, :-1]
-        if not len(overlap) or overlap.max() <= bp.mask_nms:
-            kept_masks = np.concatenate([kept_masks, found.masks[i : i + 1]])
-            out.append((found.masks[i : i + 1], predicted_iou[i : i + 1], stability[i : i + 1]))
-    # The grid's prompts fill the remaining slots: model filters, reference filters, no copy of a kept mask
+    # The slots: the region cue's best masks, the largest regions themselves, then the grid's masks
+    kept = region_slots(masks, predicted_iou, rows, bp)
+    big = large_region_slots(found.masks, contrast, masks[kept], params)
+    out = [(masks[kept], predicted_iou[kept], stability[kept]), (found.masks[big], predicted_iou[big], stability[big])]
+    kept_masks = np.concatenate([masks[kept], found.masks[big]])
     if len(grid) and len(kept_masks) < bp.max_proposals:
         g_logits, g_iou = decode_boxes(sam, predictor, grid, window=bp.grid_window, batch=params.points_per_batch)
         g_masks = (g_logits > threshold).numpy()
         g_stability = calculate_stability_score(g_logits, threshold, params.stability_score_offset).numpy()
-        g_iou = g_iou.numpy()
-        ok = (g_iou > bp.grid_min_predicted_iou) & (g_stability >= bp.grid_min_stability)
-        ok[ok] &= reference_ok(g_masks[ok], params)
-        g = np.flatnonzero(ok)
-        if len(g) and len(kept_masks):
-            both = mask_iou_matrix(np.concatenate([kept_masks, g_masks[g]]))
-            g = g[both[len(kept_masks) :, : len(kept_masks)].max(axis=1) <= bp.grid_mask_nms]
-        # Largest first, so that the few slots tile the foreground before they go to its small pieces
-        g = g[greedy_nms(mask_iou_matrix(g_masks[g]), g_masks[g].sum(axis=(1, 2)), bp.grid_mask_nms)] if len(g) else g
-        g = g[: bp.max_proposals - len(kept_masks)]
-        out.append((g_masks[g], g_iou[g], g_stability[g]))
+        g = grid_slots(g_masks, g_iou.numpy(), g_stability, kept_masks, params)
+        out.append((g_masks[g], g_iou.numpy()[g], g_stability[g]))
     return Proposals.from_masks(*(np.concatenate(column) for column in zip(*out)))
