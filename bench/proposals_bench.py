@@ -11,6 +11,9 @@ slices of the real-image benchmark that ``bench/real_scans.py`` builds (real MRI
   weights, through ``generate_proposals`` with ``BOX_GENERATOR_DEFAULTS`` (reference filters with
   ``min_side`` 8) and the box parameters given with ``--boxes`` (e.g. ``'{"grid_side": 32}'``).
 - ``candidates``: its model-free candidate regions alone, exactly the set it prompts (after box NMS).
+- ``classes``: a second model-free baseline, the connected components of multi-level intensity
+  classes (3 and 4 Otsu classes, opened with discs of radius 0 / 2 / 4; ``bench/intensity_classes.py``),
+  uncapped, on the same denoised image.
 - ``box grid``: LiteMedSAM on a dense grid of boxes (32/64/128/224 px, stride half a box; 284
   prompts), kept at predicted IoU >= 0.5 and stability >= 0.5, as measured in ../shared/STACK.md.
   It costs ~0.1 s per prompt, so it runs on the first ``--grid-images`` phantom images only (real
@@ -50,6 +53,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from intensity_classes import class_components  # noqa: E402
 from real_scans import LEVELS, load_slices  # noqa: E402
 
 from a3tune.data.phantom import PhantomConfig, draw, plan_split  # noqa: E402
@@ -62,6 +66,7 @@ from a3tune.labels.sam_backends import build_sam  # noqa: E402
 KINDS = {"body": "body", "organ": "organ", "lesion": "lesion", "cyst": "lesion", "bone": "other", "marker": "other"}
 COLUMNS = ("body", "organ", "lesion", "all", "other")
 GRID_SIDES = (32, 64, 128, 224)
+METHODS = ("boxes", "candidates", "classes", "grid", "grid25", "oracle", "points")
 
 
 def phantom_images(n: int, size: int, seed: int) -> list[tuple[np.ndarray, list[tuple[str, np.ndarray]]]]:
@@ -169,6 +174,14 @@ def candidates_only(image: np.ndarray, params: ProposalParams) -> np.ndarray:
     return found.masks
 
 
+def intensity_classes(image: np.ndarray, params: ProposalParams) -> np.ndarray:
+    """The components of multi-level intensity classes of the generator's denoised working image."""
+    working = prepare_image(image, params.working_size, params.channel_order)
+    bp = params.boxes
+    grey = bx.denoised_grey(working, bp.smooth_sigma)
+    return class_components(grey, foreground_level=bp.grid_foreground_level, min_area=bp.min_region_area)
+
+
 def run(name: str, images, propose) -> dict:
     """Best IoU per structure, proposals and seconds per image for one method."""
     scores, counts, wall, cpu, model = [], [], [], [], []
@@ -213,6 +226,9 @@ def run_methods(images, methods: set[str], grid_images: int, lite, params: Propo
     if "candidates" in methods:
         results.append(run("candidates alone (no model, as prompted)", images,
                            lambda image, _: candidates_only(image, params)))  # fmt: skip
+    if "classes" in methods:
+        results.append(run("intensity classes: components of 3 / 4 Otsu classes, opened (no model)", images,
+                           lambda image, _: intensity_classes(image, params)))  # fmt: skip
     grid_masks: dict[int, np.ndarray] = {}  # by id(image): the bound row reuses the grid's masks
 
     def grid(image: np.ndarray) -> np.ndarray:
@@ -267,11 +283,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--boxes", default="{}", help="box-generator parameters to change, as JSON (default: none)")
     parser.add_argument("--real-grid-images", type=int, help="real slices for the dense box grid (default: all of them)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    parser.add_argument("--methods", default="boxes,candidates,grid,grid25,oracle,points", help="comma-separated subset to run")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset to run (default: all)")
     parser.add_argument("--real", help="also run on --images slices of this folder, built by bench/real_scans.py")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     methods = set(args.methods.split(","))
+    if methods - set(METHODS):
+        parser.error(f"unknown method(s) {sorted(methods - set(METHODS))}; known: {', '.join(METHODS)}")
     load_before = os.getloadavg()
     images = phantom_images(args.images, args.size, args.seed)
     real = real_images(args.real, args.images) if args.real else []
