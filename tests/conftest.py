@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -17,6 +18,16 @@ from a3tune.compat import ensure_torchvision
 ensure_torchvision()
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def bench_module(name: str):
+    """A script of bench/ as a module (bench/ is not a package), registered in ``sys.modules`` before it
+    runs, as dataclasses need; loaded once per session."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
 
 
 def run_snakemake(workdir: Path, *args: str, config: dict | None = None, timeout: int = 600):

@@ -2,20 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import numpy as np
-from conftest import REPO
-
-
-def _baseline():
-    """The bench module (bench/ is not a package; it imports a3tune, which the suite has on its path)."""
-    if "intensity_classes" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("intensity_classes", REPO / "bench" / "intensity_classes.py")
-        sys.modules["intensity_classes"] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules["intensity_classes"])
-    return sys.modules["intensity_classes"]
+from conftest import bench_module
 
 
 def _disc(cy: int, cx: int, r: float, size: int = 128) -> np.ndarray:
@@ -26,7 +14,7 @@ def _disc(cy: int, cx: int, r: float, size: int = 128) -> np.ndarray:
 def test_multi_otsu_cuts_fall_between_the_modes():
     rng = np.random.default_rng(0)
     values = np.concatenate([rng.normal(mean, 6, 3000) for mean in (50, 120, 200)]).clip(0, 255)
-    low, high = _baseline().multi_otsu(values, 3)
+    low, high = bench_module("intensity_classes").multi_otsu(values, 3)
     assert 50 < low < 120 < high < 200
     # Every mode is one class: at most a few tail samples (beyond 3.3 sd) fall on the wrong side of a cut
     labels = np.digitize(values, [low, high])
@@ -45,7 +33,7 @@ def test_opening_separates_a_nucleus_bridged_to_a_ribbon_of_its_class():
     grey[body] = 200
     grey[ribbon | nucleus | bridge] = 120
     grey[dark] = 60
-    classes = _baseline().class_components
+    classes = bench_module("intensity_classes").class_components
 
     def best_iou(masks: np.ndarray) -> float:
         inter = (masks & nucleus).sum(axis=(1, 2))

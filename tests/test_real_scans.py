@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import bench_module
 
 nib = pytest.importorskip("nibabel")
 
@@ -17,15 +14,6 @@ BLOCK = (slice(7, 10), slice(2, 6), slice(3, 8))  # dark (60), AAL label 2
 SLAB = (slice(2, 5), slice(11, 13), slice(3, 8))  # next to the cube, also bright (200), AAL label 3
 # Where the cube must appear, in (rows, columns) of the padded square images (see _expected).
 EXPECTED = {"axial": ((3, 6), (8, 11)), "coronal": ((3, 8), (7, 10))}
-
-
-def _builder():
-    """The bench script as a module (bench/ is not a package); registered first, as dataclasses need."""
-    if "real_scans" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("real_scans", REPO / "bench" / "real_scans.py")
-        sys.modules["real_scans"] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules["real_scans"])
-    return sys.modules["real_scans"]
 
 
 def _write_colin_layout(root):
@@ -50,7 +38,7 @@ def _tree(root):
 
 
 def test_rerun_gives_identical_bytes_and_masks_line_up(tmp_path):
-    real_scans = _builder()
+    real_scans = bench_module("real_scans")
     _write_colin_layout(tmp_path / "src")
     args = ["--sources", "colin27", "--mricron", str(tmp_path / "src"), "--axial", "3", "--coronal", "2", "--min-area", "2"]
     for out in ("a", "b"):
@@ -94,7 +82,7 @@ def test_rerun_gives_identical_bytes_and_masks_line_up(tmp_path):
 
 
 def test_parcels_without_a_lobe_are_refused():
-    real_scans = _builder()
+    real_scans = bench_module("real_scans")
     assert real_scans.aal_anatomy("Vermis_4_5", 9120) == ("Vermis", "cerebellum")
     assert real_scans.aal_anatomy("Cerebelum_Crus1_R", 9012) == ("Cerebellum_R", "cerebellum")
     with pytest.raises(ValueError, match="no lobe"):
@@ -102,7 +90,7 @@ def test_parcels_without_a_lobe_are_refused():
 
 
 def test_volumes_off_one_grid_are_refused(tmp_path):
-    real_scans = _builder()
+    real_scans = bench_module("real_scans")
     _write_colin_layout(tmp_path / "src")
     nib.save(nib.Nifti1Image(np.zeros((5, 5, 5), dtype=np.uint8), np.eye(4)), tmp_path / "src" / "aal.nii.gz")
     with pytest.raises(ValueError, match="not on the voxel grid"):

@@ -26,15 +26,8 @@ log = logging.getLogger("a3tune")
 def _cmd_import(args: argparse.Namespace) -> None:
     from a3tune.data.importer import import_dataset
 
-    import_dataset(
-        fmt=args.format,
-        root=args.root,
-        dataset=args.dataset,
-        samples_out=args.samples,
-        images_out=args.images,
-        options=args.options,
-        progress=not args.no_progress,
-    )
+    import_dataset(fmt=args.format, root=args.root, dataset=args.dataset, samples_out=args.samples,
+                   images_out=args.images, options=args.options, progress=not args.no_progress)  # fmt: skip
 
 
 def _cmd_phantom(args: argparse.Namespace) -> None:

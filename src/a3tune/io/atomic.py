@@ -55,6 +55,14 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+def save_png(fig, path: str | os.PathLike) -> Path:
+    """Write a matplotlib figure to ``path`` atomically as a PNG, without the "Software" metadata key
+    (which names the matplotlib version), so that the same figure gives the same bytes."""
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", metadata={"Software": None})
+    return Path(path)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh temporary directory; on success it takes the place of ``path``.

@@ -18,7 +18,7 @@ import numpy as np
 import polars as pl
 
 from a3tune.data.images import load_rgb, resolve_under
-from a3tune.io.atomic import atomic_file
+from a3tune.io.atomic import save_png
 from a3tune.labels.audit import joined_labels, load_label_set, read_gt_mask
 from a3tune.labels.grid import GridSpec, cell_edges
 
@@ -72,8 +72,7 @@ def write_overlays(
         if any(p.stem == name for p in written):  # two ids that sanitise alike
             name += "-" + hashlib.sha1(rec["sample_id"].encode()).hexdigest()[:8]
         path = Path(out_dir) / f"{name}.png"
-        with atomic_file(path) as tmp:
-            fig.savefig(tmp, format="png", metadata={"Software": None})
+        save_png(fig, path)
         written.append(path)
     return written
 

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import polars as pl
 
-from a3tune.io.atomic import atomic_file
+from a3tune.io.atomic import save_png
 
 
 def write_heatmap(table: pl.DataFrame, path: str | os.PathLike, title: str = "") -> None:
@@ -34,5 +34,4 @@ def write_heatmap(table: pl.DataFrame, path: str | os.PathLike, title: str = "")
         ax.set_title(f"{column}: {captions[column]}", fontsize=9)
         fig.colorbar(image, ax=ax, shrink=0.85)
     fig.suptitle(f"{title}; red: the {int(selected.sum())} selected heads".lstrip("; "), fontsize=10)
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png", metadata={"Software": None})
+    save_png(fig, path)

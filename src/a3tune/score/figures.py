@@ -9,7 +9,7 @@ import numpy as np
 import polars as pl
 
 from a3tune.data.images import load_rgb, resolve_under
-from a3tune.io.atomic import atomic_file
+from a3tune.io.atomic import save_png
 from a3tune.io.parquet import read_parquet
 from a3tune.labels.audit import read_gt_mask
 from a3tune.labels.grid import GridSpec, cell_edges
@@ -46,8 +46,7 @@ def write_metric_bars(table: pl.DataFrame, out_dir: str | os.PathLike) -> list[P
         ax.set_title(f"{dataset}: test metrics (mean ± std over seeds)", fontsize=9)
         ax.legend(fontsize=7, ncols=min(len(methods), 4))
         path = Path(out_dir) / f"metrics-{dataset}.png"
-        with atomic_file(path) as tmp:
-            fig.savefig(tmp, format="png", metadata={"Software": None})
+        save_png(fig, path)
         written.append(path)
     return written
 
@@ -92,8 +91,7 @@ def write_attention_overlays(
                 ax.set_ylabel(_wrap(sample["question"]), fontsize=7)
     fig.suptitle(f"{dataset}: attention on the image while reading question and answer (cyan: ground truth)", fontsize=9)
     path = Path(figures_dir) / f"attention-{dataset}.png"
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png", metadata={"Software": None})
+    save_png(fig, path)
     return path
 
 
