@@ -58,6 +58,7 @@ from real_scans import LEVELS, load_slices  # noqa: E402
 
 from a3tune.data.phantom import PhantomConfig, draw, plan_split  # noqa: E402
 from a3tune.labels import box_proposals as bx  # noqa: E402
+from a3tune.labels.mask_ops import mask_iou_matrix  # noqa: E402
 from a3tune.labels.proposal_params import ProposalParams  # noqa: E402
 from a3tune.labels.proposal_types import Proposals  # noqa: E402
 from a3tune.labels.proposals import generate_proposals, prepare_image  # noqa: E402
@@ -96,10 +97,7 @@ def real_images(root: str, n: int) -> list[tuple[np.ndarray, list[tuple[str, np.
 
 def iou_matrix(truth: list[tuple[str, np.ndarray]], masks: np.ndarray) -> np.ndarray:
     """IoU of every true structure with every mask: (structures, masks)."""
-    gt = np.stack([m for _, m in truth]).reshape(len(truth), -1).astype(np.float32)
-    found = masks.reshape(len(masks), -1).astype(np.float32)
-    inter = gt @ found.T
-    return inter / np.maximum(gt.sum(1)[:, None] + found.sum(1)[None, :] - inter, 1)
+    return mask_iou_matrix(np.stack([m for _, m in truth]), masks)
 
 
 def best_iou(truth: list[tuple[str, np.ndarray]], masks: np.ndarray) -> list[tuple[str, float]]:

@@ -157,6 +157,7 @@ def test_mask_ious():
     assert mask_ops.paired_mask_iou(a, b).tolist() == [1.0, 0.0, 0.0]  # two empty masks: 0
     matrix = mask_ops.mask_iou_matrix(a)
     assert matrix[0, 1] == pytest.approx(4 / 12) and matrix[0, 0] == 1 and matrix[2, 2] == 0
+    assert np.array_equal(mask_ops.mask_iou_matrix(a[:1], a[1:]), matrix[:1, 1:])  # one set against another
 
 
 def test_boundary_contrast_separates_structures_from_blobs():

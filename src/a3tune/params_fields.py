@@ -34,13 +34,13 @@ def known_fields(cls: type, params: dict[str, Any], unknown: str) -> dict[str, d
     return fields
 
 
-def json_scalar(kind: str, value: Any) -> Any:
+def json_scalar(kind: str, value: Any, name: str) -> Any:
     """``value`` as a field annotated ``kind`` (``int``, ``float``, ``bool``, ``str``; an int passes for a
-    float); ``TypeError`` if it is not one, for the caller to word."""
+    float); ``ValueError`` ``"{name} must be of type {kind}, got {value!r}"`` if it is not one."""
     if kind == "int" and is_int(value):
         return value
     if kind == "float" and is_number(value):
         return float(value)
     if kind in ("str", "bool") and type(value).__name__ == kind:
         return value
-    raise TypeError(f"{value!r} is not of type {kind}")
+    raise ValueError(f"{name} must be of type {kind}, got {value!r}")

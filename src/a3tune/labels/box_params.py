@@ -156,11 +156,4 @@ class BoxProposalParams:
         if not isinstance(params, dict):
             raise ValueError(f"proposal params: boxes must be a mapping of box-generator parameters, got {params!r}")
         fields = known_fields(cls, params, "proposal params: unknown boxes parameter(s)")
-        return cls(**{k: _coerce(k, fields[k].type, v) for k, v in params.items()})
-
-
-def _coerce(name: str, kind: str, value: Any) -> Any:
-    try:
-        return json_scalar(kind, value)
-    except TypeError:
-        raise ValueError(f"proposal params: boxes.{name} must be of type {kind}, got {value!r}") from None
+        return cls(**{k: json_scalar(fields[k].type, v, f"proposal params: boxes.{k}") for k, v in params.items()})

@@ -45,7 +45,7 @@ def large_region_slots(
     for i in big[: 4 * bp.large_region_slots]:
         if len(taken) >= room:
             break
-        overlap = mask_iou_matrix(np.concatenate([kept, regions[taken], regions[i : i + 1]]))[-1, :-1]
+        overlap = mask_iou_matrix(regions[i : i + 1], np.concatenate([kept, regions[taken]]))[0]
         if not len(overlap) or overlap.max() <= bp.mask_nms:
             taken.append(int(i))
     return np.array(taken, dtype=np.int64)
@@ -62,8 +62,7 @@ def grid_slots(
     ok[ok] &= reference_ok(masks[ok], params)
     rows = np.flatnonzero(ok)
     if len(rows) and len(kept):
-        both = mask_iou_matrix(np.concatenate([kept, masks[rows]]))
-        rows = rows[both[len(kept) :, : len(kept)].max(axis=1) <= bp.grid_mask_nms]
+        rows = rows[mask_iou_matrix(masks[rows], kept).max(axis=1) <= bp.grid_mask_nms]
     if len(rows):
         rows = rows[greedy_nms(mask_iou_matrix(masks[rows]), masks[rows].sum(axis=(1, 2)), bp.grid_mask_nms)]
     return rows[: max(bp.max_proposals - len(kept), 0)]

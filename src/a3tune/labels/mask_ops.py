@@ -46,12 +46,14 @@ def paired_mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / np.maximum(union, 1)
 
 
-def mask_iou_matrix(masks: np.ndarray) -> np.ndarray:
-    """IoU of every pair of (n, H, W) masks: (n, n)."""
-    flat = masks.reshape(len(masks), -1).astype(np.float32)
-    inter = flat @ flat.T
-    area = flat.sum(axis=1)
-    return inter / np.maximum(area[:, None] + area[None, :] - inter, 1.0)
+def mask_iou_matrix(masks: np.ndarray, others: np.ndarray | None = None) -> np.ndarray:
+    """IoU of every (n, H, W) mask with every (m, H, W) mask of ``others``: (n, m); without
+    ``others``, of every pair of ``masks``: (n, n)."""
+    pixels = int(np.prod(masks.shape[1:]))  # explicit, so that an empty stack reshapes too
+    flat = masks.reshape(len(masks), pixels).astype(np.float32)
+    other = flat if others is None else others.reshape(len(others), pixels).astype(np.float32)
+    inter = flat @ other.T
+    return inter / np.maximum(flat.sum(axis=1)[:, None] + other.sum(axis=1)[None, :] - inter, 1.0)
 
 
 def boundary_contrast(

@@ -107,7 +107,4 @@ def _coerce(name: str, kind: str, value: Any) -> Any:
         return value if is_int(value) else tuple(value)  # checked in __post_init__
     if kind == "BoxProposalParams":
         return value if isinstance(value, BoxProposalParams) else BoxProposalParams.from_dict(value)
-    try:
-        return json_scalar(kind, value)
-    except TypeError:
-        raise ValueError(f"proposal params: {name} must be of type {kind}, got {value!r}") from None
+    return json_scalar(kind, value, f"proposal params: {name}")
